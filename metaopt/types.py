@@ -82,3 +82,10 @@ def segment_mean(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
 
 def tree_detach(tree):
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with a zero (not NaN) gradient at 0: dead units give g = v = 0 exactly, and a plain
+    sqrt's infinite derivative times that zero would poison the meta-gradient."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))

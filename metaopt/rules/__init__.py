@@ -1,0 +1,9 @@
+"""Update rules: hand-designed and learned, one interface (see :mod:`metaopt.rules.base`)."""
+from metaopt.rules.base import RULES, Rule, make_rule, register_rule
+from metaopt.rules.sgd import SGD
+from metaopt.rules.adam import Adam
+from metaopt.rules.layerwise import LayerwiseLR, PerParameterLR
+from metaopt.rules.mlp import MLPRule
+
+__all__ = ["RULES", "Rule", "make_rule", "register_rule", "SGD", "Adam", "LayerwiseLR",
+           "PerParameterLR", "MLPRule"]

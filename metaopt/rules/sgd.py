@@ -1,0 +1,60 @@
+"""SGD (with momentum, dampening, Nesterov, L2 weight decay) as a rule; learnable ``log_lr``.
+
+Matches ``torch.optim.SGD`` update for update:
+    g <- g + wd * p;  b <- g (first step) | mu * b + (1 - dampening) * g;
+    d <- g + mu * b (nesterov) | b;   p <- p - lr * d
+State: ``step`` (scalar), ``buf`` [N] (momentum buffer, flat view).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metaopt.rules.base import Rule, register_rule
+from metaopt.types import FlatSpec
+
+
+@register_rule
+class SGD(Rule):
+    name = "sgd"
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"Invalid lr: {lr}")
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Invalid nesterov: needs momentum > 0 and dampening = 0")
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay = nesterov, weight_decay
+
+    def config(self):
+        return dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening,
+                    nesterov=self.nesterov, weight_decay=self.weight_decay)
+
+    def init_theta(self, spec, generator=None):
+        return {"log_lr": torch.tensor(math.log(self.lr))}
+
+    def init(self, params):
+        spec = FlatSpec.of(params)
+        p = spec.flatten(params)
+        return {"step": p.new_zeros(()), "buf": torch.zeros_like(p)}
+
+    def update(self, theta, grads, state, params, ctx=None):
+        spec = FlatSpec.of(params)
+        g, p = spec.flatten(grads), spec.flatten(params)
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        buf = state["buf"]
+        if self.momentum:
+            new = self.momentum * buf + (1 - self.dampening) * g
+            buf = torch.where(state["step"] == 0, g, new)
+            d = g + self.momentum * buf if self.nesterov else buf
+        else:
+            d = g
+        lr = torch.exp(theta["log_lr"]).to(g.dtype)
+        return spec.unflatten(-lr * d), {"step": state["step"] + 1, "buf": buf}
