@@ -68,8 +68,13 @@ class FlatSpec:
         parts = torch.split(vec, self.numels)
         return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
 
-    def to_json(self) -> dict:
-        return {n: list(s) for n, s in zip(self.names, self.shapes)}
+    def to_json(self) -> list:
+        """Ordered [[name, shape], ...] (order matters: it fixes the flat layout)."""
+        return [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+
+    @classmethod
+    def from_json(cls, pairs) -> "FlatSpec":
+        return cls(tuple(n for n, _ in pairs), tuple(tuple(s) for _, s in pairs))
 
 
 def segment_mean(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:

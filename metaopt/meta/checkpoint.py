@@ -65,7 +65,7 @@ def load_rule(path) -> Tuple[Rule, Params, dict]:
     cfg = dict(meta["rule"])
     rule = make_rule(cfg.pop("name"), **cfg)
     theta = load_tensors(path / "theta.safetensors")
-    spec = FlatSpec.from_shapes(meta["spec"]) if meta.get("spec") else None
+    spec = FlatSpec.from_json(meta["spec"]) if meta.get("spec") else None
     expected = rule.init_theta(spec, torch.Generator().manual_seed(0)) if (spec or not rule.spec_dependent) else None
     if expected is not None:
         check_theta(theta, expected, where=str(path))
