@@ -1,0 +1,207 @@
+"""Structured configs (dataclasses in Hydra's ConfigStore) for the groups task/, rule/, scheme/,
+meta/ and eval/. Typed fields mean a malformed value fails at composition with the key named;
+``build_*`` turn a composed config into objects and raise one-line errors naming the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from metaopt.meta.trainer import DTYPES, TrainConfig
+
+
+# -- task/ ------------------------------------------------------------------------------------
+@dataclass
+class TaskConf:
+    family: str = MISSING
+
+
+@dataclass
+class DigitsMLPConf(TaskConf):
+    family: str = "digits_mlp"
+    widths: List[int] = field(default_factory=lambda: [32, 64])
+    depths: List[int] = field(default_factory=lambda: [1, 2])
+    activations: List[str] = field(default_factory=lambda: ["relu", "tanh", "gelu"])
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    split_seed: int = 0
+
+
+@dataclass
+class DigitsConvConf(TaskConf):
+    family: str = "digits_conv"
+    channels: List[int] = field(default_factory=lambda: [8, 12, 16])
+    depths: List[int] = field(default_factory=lambda: [1, 2])
+    activations: List[str] = field(default_factory=lambda: ["relu", "tanh", "gelu"])
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    split_seed: int = 0
+
+
+@dataclass
+class LogRegConf(TaskConf):
+    family: str = "logreg_cancer"
+    dataset: str = "breast_cancer"
+    batch_size: int = 32
+    split_seed: int = 0
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    l2: float = 0.0
+
+
+@dataclass
+class QuadraticConf(TaskConf):
+    family: str = "quadratic"
+    dim: int = 10
+    cond: List[float] = field(default_factory=lambda: [1.0, 100.0])
+    noise: List[float] = field(default_factory=lambda: [0.0, 0.5])
+    batch_size: int = 1
+    init_scale: float = 1.0
+
+
+@dataclass
+class CharLMConf(TaskConf):
+    family: str = "char_lm"
+    seq_len: int = 32
+    d_model: int = 32
+    n_layers: int = 1
+    n_heads: int = 2
+    batch_size: int = 16
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    mlp_ratio: int = 4
+
+
+# -- rule/ ------------------------------------------------------------------------------------
+@dataclass
+class RuleConf:
+    name: str = MISSING
+
+
+@dataclass
+class SGDRuleConf(RuleConf):
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamRuleConf(RuleConf):
+    name: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LayerwiseConf(RuleConf):
+    name: str = "layerwise_lr"
+    lr: float = 0.01
+    num_steps: int = 20
+    direction: str = "sgd"
+    act_features: bool = False
+    loss_features: bool = False
+
+
+@dataclass
+class PerParamConf(RuleConf):
+    name: str = "per_param_lr"
+    lr: float = 0.01
+
+
+@dataclass
+class MLPRuleConf(RuleConf):
+    name: str = "mlp"
+    hidden_size: int = 32
+    num_layers: int = 2
+    decays: List[float] = field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
+    rms_decay: float = 0.999
+    time_taus: List[float] = field(default_factory=lambda: [1, 3, 10, 30, 100, 300, 1000, 3000])
+    act_features: bool = False
+    loss_features: bool = False
+
+
+# -- scheme/ ----------------------------------------------------------------------------------
+@dataclass
+class SchemeConf:
+    name: str = MISSING
+
+
+@dataclass
+class NestedConf(SchemeConf):
+    name: str = "nested"
+    truncation: int = 20
+    use_vmap: bool = True
+    checkpoint: bool = False
+
+
+# -- eval/ ------------------------------------------------------------------------------------
+@dataclass
+class EvalConf:
+    steps: int = 500
+    num_tasks: int = 4
+    seed: int = 1_000_000_000      # held-out task seeds: seed, seed+1, ... (never drawn in training)
+    eval_every: int = 25
+    extra_families: List[str] = field(default_factory=lambda: ["digits_conv"])
+    sgd_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    adam_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    baselines: List[str] = field(default_factory=lambda: ["sgd", "adam"])
+    reference_adam_lr: float = 1e-3
+    dtype: str = "float32"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for name, node in [("digits_mlp", DigitsMLPConf), ("digits_conv", DigitsConvConf),
+                       ("logreg_cancer", LogRegConf), ("quadratic", QuadraticConf),
+                       ("char_lm", CharLMConf)]:
+        cs.store(group="task", name=name, node=node)
+    for name, node in [("sgd", SGDRuleConf), ("adam", AdamRuleConf), ("layerwise_lr", LayerwiseConf),
+                       ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf)]:
+        cs.store(group="rule", name=name, node=node)
+    cs.store(group="scheme", name="nested", node=NestedConf)
+    cs.store(group="meta", name="default", node=TrainConfig)
+    cs.store(group="eval", name="default", node=EvalConf)
+
+
+# -- builders -----------------------------------------------------------------------------------
+def _kwargs(node: DictConfig, drop: str) -> dict:
+    d = OmegaConf.to_container(node, resolve=True)
+    d.pop(drop, None)
+    return d
+
+
+def build_family(task_cfg, dtype: str = "float32"):
+    from metaopt.tasks import make_family
+    kw = _kwargs(task_cfg, "family")
+    try:
+        return make_family(task_cfg.family, dtype=DTYPES[dtype], **kw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"task: {e}") from None
+
+
+def build_rule(rule_cfg):
+    from metaopt.rules import make_rule
+    try:
+        return make_rule(rule_cfg.name, **_kwargs(rule_cfg, "name"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"rule: {e}") from None
+
+
+def build_scheme(scheme_cfg):
+    from metaopt.meta import make_scheme
+    try:
+        return make_scheme(scheme_cfg.name, **_kwargs(scheme_cfg, "name"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"scheme: {e}") from None
+
+
+def build_train_config(meta_cfg) -> TrainConfig:
+    cfg = TrainConfig(**OmegaConf.to_container(meta_cfg, resolve=True))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,164 @@
+"""``metaopt-eval``: a trained rule vs tuned SGD/Adam (and any conf/optimizer baseline) on
+held-out tasks: fresh seeds of the training family plus families never used in meta-training.
+
+Writes ``results.csv`` (one row per task x optimizer), ``curves.csv`` (validation loss vs step),
+``curves.png``; prints a summary table; returns the mean final validation loss of the learned
+rule (or of ``optimizer=...`` when one is chosen), so sweepers can minimize it.
+
+    metaopt-eval checkpoint=runs/train/<date>/checkpoints/last
+    metaopt-eval -m optimizer=sgd,adam,lookahead,lookbehind,slrla,sgd_hd,adam_hd
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt.cli.common import config_dir, one_line_errors
+from metaopt.cli.config import DTYPES, build_family, register_configs
+
+log = logging.getLogger("metaopt.eval")
+register_configs()
+
+
+def _resolve_checkpoint(path: str):
+    from metaopt.meta.checkpoint import load_rule
+    from metaopt.optim.learned import PRETRAINED_DIR
+    p = Path(path)
+    if not p.exists() and (PRETRAINED_DIR / path).exists():
+        p = PRETRAINED_DIR / path
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint={path!r}: no such checkpoint directory or shipped rule")
+    return load_rule(p)
+
+
+def _torch_opt(cls, lr):
+    return lambda named, task: cls([p for _, p in named], lr=lr)
+
+
+def _spec_matches(rule, meta, task) -> bool:
+    if not rule.spec_dependent:
+        return True
+    return [list(x) for x in meta.get("spec") or []] == [[n, list(s)] for n, s in task.param_shapes().items()]
+
+
+def run_eval(cfg: DictConfig, out_dir: Path) -> float:
+    import torch
+    from metaopt.meta.evaluate import train_task, tune_lr
+    from metaopt.optim import LearnedOptimizer
+
+    torch.set_num_threads(int(cfg.get("threads") or 2))
+    e = cfg.eval
+    if e.steps < 1 or e.num_tasks < 1 or e.eval_every < 1:
+        raise ValueError(f"eval.steps, eval.num_tasks and eval.eval_every must be >= 1 "
+                         f"(got {e.steps}, {e.num_tasks}, {e.eval_every})")
+    dtype = DTYPES.get(e.dtype)
+    if dtype is None:
+        raise ValueError(f"Invalid eval.dtype: {e.dtype!r}")
+    rule, theta, meta = _resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else (None, None, None)
+    families = [(cfg.task.family, build_family(cfg.task, e.dtype))]
+    from metaopt.tasks import make_family
+    for name in e.extra_families:
+        try:
+            families.append((name, make_family(name, dtype=dtype)))
+        except ValueError as err:
+            raise ValueError(f"eval.extra_families: {err}") from None
+    baseline_cfg = cfg.get("optimizer")
+    if baseline_cfg is not None:
+        from hydra.utils import instantiate
+        base_name = HydraConfig.get().runtime.choices.get("optimizer") or "optimizer"
+
+    results, curves = [], []
+    kw = dict(eval_every=e.eval_every, dtype=dtype)
+    for fam_name, family in families:
+        for i in range(e.num_tasks):
+            seed = e.seed + i
+            task = family.sample_seeded(seed)
+            runs = []
+            if rule is not None and _spec_matches(rule, meta, task):
+                runs.append(train_task(task, lambda named, t: LearnedOptimizer(
+                    named, rule=rule, theta={k: v.to(dtype) for k, v in theta.items()},
+                    model=t.module), e.steps, seed, name="learned", **kw))
+            runs.append(train_task(task, _torch_opt(torch.optim.Adam, e.reference_adam_lr), e.steps,
+                                   seed, name=f"adam@{e.reference_adam_lr:g}", lr=e.reference_adam_lr, **kw))
+            for b in e.baselines:
+                if b == "sgd":
+                    runs.append(tune_lr(task, lambda lr: _torch_opt(torch.optim.SGD, lr), e.sgd_lrs,
+                                        e.steps, seed, "sgd(tuned)", **kw))
+                elif b == "adam":
+                    runs.append(tune_lr(task, lambda lr: _torch_opt(torch.optim.Adam, lr), e.adam_lrs,
+                                        e.steps, seed, "adam(tuned)", **kw))
+                else:
+                    raise ValueError(f"Invalid eval.baselines entry: {b!r} (use sgd, adam; other "
+                                     "optimizers via optimizer=<name>)")
+            if baseline_cfg is not None:
+                grid = list(cfg.get("optimizer_lrs") or [baseline_cfg.lr])
+
+                def factory(lr, _cfg=baseline_cfg):
+                    c = OmegaConf.merge(_cfg, {"lr": lr})
+                    return lambda named, t: instantiate(c)([p for _, p in named])
+                runs.append(tune_lr(task, factory, grid, e.steps, seed, f"{base_name}(tuned)", **kw))
+            for r in runs:
+                results.append(dict(family=fam_name, task_seed=seed, structure=str(task.structure),
+                                    optimizer=r.optimizer, lr=r.lr, final_valid=r.final_valid,
+                                    final_test=r.final_test, diverged=r.diverged))
+                curves += [dict(family=fam_name, task_seed=seed, optimizer=r.optimizer, step=s,
+                                valid_loss=v) for s, v in zip(r.steps, r.valid_losses)]
+    _write_csv(out_dir / "results.csv", results)
+    _write_csv(out_dir / "curves.csv", curves)
+    table = summarize(results)
+    print(table)
+    (out_dir / "summary.md").write_text(table + "\n")
+    from metaopt.viz import plot_eval_curves
+    plot_eval_curves(curves, out_dir / "curves.png")
+    target = "learned" if baseline_cfg is None else f"{base_name}(tuned)"
+    vals = [r["final_valid"] for r in results if r["optimizer"] == target]
+    return sum(vals) / len(vals) if vals else math.inf
+
+
+def summarize(results: List[Dict]) -> str:
+    """Markdown table: mean final valid/test loss per family x optimizer, and how often each
+    optimizer beats Adam at the reference learning rate on the same task."""
+    ref = {(r["family"], r["task_seed"]): r["final_valid"] for r in results
+           if r["optimizer"].startswith("adam@")}
+    rows: Dict = {}
+    for r in results:
+        d = rows.setdefault((r["family"], r["optimizer"]), {"v": [], "t": [], "w": 0, "lr": []})
+        d["v"].append(r["final_valid"])
+        d["t"].append(r["final_test"])
+        d["w"] += int(r["final_valid"] < ref.get((r["family"], r["task_seed"]), math.inf))
+        if r["lr"] is not None:
+            d["lr"].append(r["lr"])
+    lines = ["| family | optimizer | mean valid loss | mean test loss | beats adam@ref | lrs chosen |",
+             "|---|---|---|---|---|---|"]
+    for (fam, opt), d in rows.items():
+        n = len(d["v"])
+        lrs = ",".join(f"{x:g}" for x in d["lr"]) if d["lr"] else "-"
+        beats = "-" if opt.startswith("adam@") else f"{d['w']}/{n}"
+        lines.append(f"| {fam} | {opt} | {sum(d['v']) / n:.4f} | {sum(d['t']) / n:.4f} | {beats} | {lrs} |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: List[Dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base=None)
+@one_line_errors
+def main(cfg: DictConfig) -> float:
+    return run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

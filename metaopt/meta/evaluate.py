@@ -1,0 +1,86 @@
+"""Held-out evaluation: train fresh tasks with a learned rule and with tuned baselines.
+
+Every optimizer here is an ordinary ``torch.optim.Optimizer`` driven through ``step(closure)``,
+so the learned rule is evaluated exactly as a user would run it (``LearnedOptimizer``), and any
+baseline from ``conf/optimizer`` plugs in unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from metaopt.tasks.base import Task
+
+
+@dataclass
+class RunResult:
+    optimizer: str
+    task: str
+    seed: int
+    lr: Optional[float]
+    steps: List[int]
+    valid_losses: List[float]
+    final_valid: float
+    final_test: float
+    diverged: bool = False
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every: int = 25,
+               dtype: torch.dtype = torch.float32, name: str = "opt", lr=None) -> RunResult:
+    """Train ``task`` from its seeded init for ``steps`` steps; full-split validation loss every
+    ``eval_every`` steps. A non-finite loss stops the run and marks it diverged (loss = inf)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {k: v.to(dtype).clone().requires_grad_(True) for k, v in task.init_params(gen).items()}
+    opt = make_opt(list(params.items()), task)
+    valid = task.full_batch("valid")
+    xs, ys, diverged = [], [], False
+
+    def evaluate(step):
+        xs.append(step)
+        ys.append(float(task.loss(params, valid)))
+
+    with torch.no_grad():
+        evaluate(0)
+    for t in range(1, steps + 1):
+        batch = task.sample_batch("train", gen)
+
+        def closure():
+            opt.zero_grad()
+            loss = task.loss(params, batch)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        if loss is not None and not math.isfinite(float(loss)):
+            diverged = True
+            break
+        if t % eval_every == 0 or t == steps:
+            with torch.no_grad():
+                evaluate(t)
+            if not math.isfinite(ys[-1]):
+                diverged = True
+                break
+    if diverged:
+        final_valid = final_test = math.inf
+    else:
+        with torch.no_grad():
+            final_valid = ys[-1]
+            final_test = float(task.loss(params, task.full_batch("test")))
+    if hasattr(opt, "close"):
+        opt.close()
+    return RunResult(name, task.name, seed, lr, xs, ys, final_valid, final_test, diverged)
+
+
+def tune_lr(task: Task, factory: Callable[[float], Callable], grid: Sequence[float], steps: int,
+            seed: int, name: str, **kw) -> RunResult:
+    """Best run over a learning-rate grid, chosen by final validation loss (on this task)."""
+    best = None
+    for lr in grid:
+        r = train_task(task, factory(lr), steps, seed, name=name, lr=lr, **kw)
+        if best is None or r.final_valid < best.final_valid:
+            best = r
+    return best
