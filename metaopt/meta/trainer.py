@@ -109,6 +109,13 @@ class MetaTrainer:
         fields = ["outer_step", "meta_loss", "train_loss", "grad_norm", "nonfinite",
                   "inner_steps", "wall_time"]
         new_log = not log_path.exists() or self.outer_step == 0
+        if not new_log:  # resumed: drop rows logged after the checkpoint we resumed from
+            with open(log_path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["outer_step"]) <= self.outer_step]
+            with open(log_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(kept)
         log_f = open(log_path, "w" if new_log else "a", newline="")
         writer = csv.DictWriter(log_f, fieldnames=fields)
         if new_log:
@@ -272,6 +279,8 @@ class MetaTrainer:
                 if k not in params or tuple(params[k].shape) != tuple(shp):
                     raise CheckpointError(f"{d}: slot {i} param {k!r} does not match task "
                                           f"{task!r} (was the task config changed?)")
+            # the flat rule state is laid out in the task's parameter order: restore that order
+            params = {k: params[k] for k in expected}
             slots.append(Slot(task=task, seed=sm["seed"], params=params, state=pick("state"),
                               gen=gen, step=sm["step"], horizon=sm["horizon"], extra=pick("extra")))
         self.slots = slots
