@@ -72,3 +72,17 @@ def test_lr_override_reaches_the_optimizer(name):
     assert all(g["lr"] == pytest.approx(0.0123) for g in opt.param_groups)
     if hasattr(opt, "optimizer"):  # wrappers share the inner optimizer's groups
         assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.0123)
+
+
+def test_slrla_milestones_follow_the_eval_step_budget():
+    """Under conf/eval.yaml, SLRLA's fractional milestones scale with eval.steps."""
+    if not (CONF / "eval.yaml").exists():
+        pytest.skip("no conf/eval.yaml")
+    from metaopt.cli.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="eval", overrides=["optimizer=slrla", "eval.steps=200"])
+    model, _, _ = _linear_problem()
+    opt = instantiate(cfg.optimizer)(list(model.named_parameters()))
+    assert opt.defaults["milestones"] == [60, 120, 160]
