@@ -12,12 +12,12 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 
 from metaopt.rules.base import Rule
 from metaopt.types import Batch, Params, State
 
-META_LOSSES = ("valid_mean", "valid_last", "train")
+META_LOSSES = ("valid_mean", "valid_log_mean", "valid_last", "train")
 
 
 class UnrollOut(NamedTuple):
@@ -56,6 +56,8 @@ def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffer
     """T inner steps (T = leading dim of ``batches``) and the meta-loss over the window.
 
     meta_loss: ``valid_mean`` -- mean validation loss after each step (default);
+    ``valid_log_mean`` -- mean log validation loss (weighs a late-training window, where the loss
+    is small, as much as an early one: a relative rather than absolute improvement);
     ``valid_last`` -- validation loss after the last step; ``train`` -- mean loss of each step's
     own training batch re-evaluated after its update.
     ``checkpoint=True`` recomputes each step in the backward pass instead of storing it
@@ -70,9 +72,10 @@ def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffer
         else:
             params, state, loss = inner_step(rule, theta, apply_fn, params, buffers, state, batch)
         train_losses.append(loss)
-        if meta_loss == "valid_mean" or (meta_loss == "valid_last" and t == T - 1):
+        if meta_loss in ("valid_mean", "valid_log_mean") or (meta_loss == "valid_last" and t == T - 1):
             vb = tuple(b[t] for b in valid_batches)
-            losses.append(apply_fn(params, buffers, vb))
+            vl = apply_fn(params, buffers, vb)
+            losses.append(torch.log(vl) if meta_loss == "valid_log_mean" else vl)
         elif meta_loss == "train":
             losses.append(apply_fn(params, buffers, batch))
     return UnrollOut(torch.stack(losses).mean(), torch.stack(train_losses).mean().detach(),
@@ -80,19 +83,58 @@ def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffer
 
 
 def _checkpointed_step(rule, theta, apply_fn, params, buffers, state, batch):
-    from torch.utils.checkpoint import checkpoint
-
-    keys_p, keys_s, keys_t = list(params), list(state), list(theta)
+    # torch.utils.checkpoint cannot be used here: its non-reentrant form works through saved-tensor
+    # hooks, which torch.func.grad (the inner gradient) refuses, and its reentrant form forbids
+    # torch.autograd.grad. _CheckpointStep is a minimal replacement: forward without a graph,
+    # recompute-and-differentiate in backward, and a vmap rule so it runs under the meta-batch vmap.
+    keys_p, keys_s, keys_t, keys_b = list(params), list(state), list(theta), list(buffers)
+    n_p, n_s, n_t, n_b = len(keys_p), len(keys_s), len(keys_t), len(keys_b)
 
     def fn(*flat):
-        p = dict(zip(keys_p, flat[:len(keys_p)]))
-        s = dict(zip(keys_s, flat[len(keys_p):len(keys_p) + len(keys_s)]))
-        th = dict(zip(keys_t, flat[len(keys_p) + len(keys_s):]))
-        p2, s2, loss = inner_step(rule, th, apply_fn, p, buffers, s, batch)
+        p = dict(zip(keys_p, flat[:n_p]))
+        s = dict(zip(keys_s, flat[n_p:n_p + n_s]))
+        th = dict(zip(keys_t, flat[n_p + n_s:n_p + n_s + n_t]))
+        bu = dict(zip(keys_b, flat[n_p + n_s + n_t:n_p + n_s + n_t + n_b]))
+        b = tuple(flat[n_p + n_s + n_t + n_b:])
+        p2, s2, loss = inner_step(rule, th, apply_fn, p, bu, s, b)
         return (*[p2[k] for k in keys_p], *[s2[k] for k in keys_s], loss)
 
-    out = checkpoint(fn, *[params[k] for k in keys_p], *[state[k] for k in keys_s],
-                     *[theta[k] for k in keys_t], use_reentrant=False)
-    p2 = dict(zip(keys_p, out[:len(keys_p)]))
-    s2 = dict(zip(keys_s, out[len(keys_p):len(keys_p) + len(keys_s)]))
+    out = _CheckpointStep.apply(fn, *[params[k] for k in keys_p], *[state[k] for k in keys_s],
+                                *[theta[k] for k in keys_t], *[buffers[k] for k in keys_b], *batch)
+    p2 = dict(zip(keys_p, out[:n_p]))
+    s2 = dict(zip(keys_s, out[n_p:n_p + n_s]))
     return p2, s2, out[-1]
+
+
+class _CheckpointStep(torch.autograd.Function):
+    """``fn(*tensors) -> tuple`` evaluated without storing its graph; backward recomputes it."""
+
+    @staticmethod
+    def forward(fn, *xs):
+        with torch.no_grad():
+            return tuple(fn(*xs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        xs = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(n) for x, n in zip(xs, need)]
+            out = ctx.fn(*leaves)
+        pairs = [(o, g) for o, g in zip(out, grad_out) if g is not None and o.requires_grad]
+        wrt = [x for x, n in zip(leaves, need) if n]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                    allow_unused=True) if pairs and wrt else [None] * len(wrt)
+        it = iter(grads)
+        return (None, *[next(it) if n else None for n in need])
+
+    @staticmethod
+    def vmap(info, in_dims, fn, *xs):
+        # Run the whole batch as one checkpointed call of the vmapped function.
+        out = _CheckpointStep.apply(vmap(fn, in_dims=tuple(in_dims[1:])), *xs)
+        return out, tuple(0 for _ in out)

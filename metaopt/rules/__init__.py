@@ -4,6 +4,8 @@ from metaopt.rules.sgd import SGD
 from metaopt.rules.adam import Adam
 from metaopt.rules.layerwise import LayerwiseLR, PerParameterLR
 from metaopt.rules.mlp import MLPRule
+from metaopt.rules.lookahead import LookaheadRule
+from metaopt.rules.hypergradient import AdamHDRule, SGDHDRule
 
 __all__ = ["RULES", "Rule", "make_rule", "register_rule", "SGD", "Adam", "LayerwiseLR",
-           "PerParameterLR", "MLPRule"]
+           "PerParameterLR", "MLPRule", "LookaheadRule", "SGDHDRule", "AdamHDRule"]
