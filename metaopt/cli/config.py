@@ -126,6 +126,32 @@ class MLPRuleConf(RuleConf):
     loss_features: bool = False
 
 
+@dataclass
+class LookaheadRuleConf(RuleConf):
+    name: str = "lookahead"
+    inner: str = "sgd"
+    k: int = 5
+    alpha: float = 0.5
+
+
+@dataclass
+class SGDHDRuleConf(RuleConf):
+    name: str = "sgd_hd"
+    lr0: float = 1e-3
+    beta: float = 1e-3
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamHDRuleConf(RuleConf):
+    name: str = "adam_hd"
+    lr0: float = 1e-3
+    beta: float = 1e-7
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
 # -- scheme/ ----------------------------------------------------------------------------------
 @dataclass
 class SchemeConf:
@@ -162,7 +188,9 @@ def register_configs() -> None:
                        ("char_lm", CharLMConf)]:
         cs.store(group="task", name=name, node=node)
     for name, node in [("sgd", SGDRuleConf), ("adam", AdamRuleConf), ("layerwise_lr", LayerwiseConf),
-                       ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf)]:
+                       ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf),
+                       ("lookahead", LookaheadRuleConf), ("sgd_hd", SGDHDRuleConf),
+                       ("adam_hd", AdamHDRuleConf)]:
         cs.store(group="rule", name=name, node=node)
     cs.store(group="scheme", name="nested", node=NestedConf)
     cs.store(group="meta", name="default", node=TrainConfig)
