@@ -166,6 +166,42 @@ class NestedConf(SchemeConf):
     checkpoint: bool = False
 
 
+@dataclass
+class InterleavedConf(SchemeConf):
+    name: str = "interleaved"
+    mode: str = "auto"               # auto | forward (exact sensitivities) | one_step
+    max_forward_params: int = 128    # auto: forward mode up to this many meta-parameters
+    use_vmap: bool = True
+
+
+@dataclass
+class ContinuousConf(SchemeConf):
+    name: str = "continuous"
+    window: int = 20
+    method: str = "rk4"              # euler | midpoint | rk4 | dopri5 | bosh3 | ...
+    gradient: str = "adjoint"        # adjoint | backprop
+    eta: float = 1.0                 # time of one inner step
+    substeps: int = 1                # fixed-grid solver steps per inner step
+    eps: float = 1e-4                # timescale ratio of the outer flow
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    store_every: int = 1             # adjoint + valid_last: keep the solution every n steps
+    use_vmap: bool = True
+
+
+@dataclass
+class ESConf(SchemeConf):
+    name: str = "es"
+    truncation: int = 20
+    num_samples: int = 8             # antithetic pairs per slot
+    sigma: float = 0.01
+
+
+@dataclass
+class PESConf(ESConf):
+    name: str = "pes"
+
+
 # -- eval/ ------------------------------------------------------------------------------------
 @dataclass
 class EvalConf:
@@ -193,6 +229,10 @@ def register_configs() -> None:
                        ("adam_hd", AdamHDRuleConf)]:
         cs.store(group="rule", name=name, node=node)
     cs.store(group="scheme", name="nested", node=NestedConf)
+    cs.store(group="scheme", name="interleaved", node=InterleavedConf)
+    cs.store(group="scheme", name="continuous", node=ContinuousConf)
+    cs.store(group="scheme", name="es", node=ESConf)
+    cs.store(group="scheme", name="pes", node=PESConf)
     cs.store(group="meta", name="default", node=TrainConfig)
     cs.store(group="eval", name="default", node=EvalConf)
 

@@ -1,6 +1,9 @@
 """How theta learns: differentiable unrolls, discretization schemes, the meta-training loop."""
 from metaopt.meta.schemes import SCHEMES, Scheme, SchemeOutput, make_scheme, register_scheme
 from metaopt.meta.nested import Nested
+from metaopt.meta.interleaved import Interleaved
+from metaopt.meta.continuous import Continuous
+from metaopt.meta.es import ES, PES
 from metaopt.meta.unroll import inner_step, unroll
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 from metaopt.meta.checkpoint import CheckpointError, load_rule, save_rule
