@@ -122,8 +122,8 @@ class MLPRuleConf(RuleConf):
     decays: List[float] = field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
     rms_decay: float = 0.999
     time_taus: List[float] = field(default_factory=lambda: [1, 3, 10, 30, 100, 300, 1000, 3000])
-    act_features: bool = False
-    loss_features: bool = False
+    act_features: bool = True     # activation-aware: per-layer activation RMS as inputs
+    loss_features: bool = True    # loss surprise as an input
 
 
 @dataclass

@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class TrainConfig:
     outer_steps: int = 300
     meta_batch: int = 8          # K slots (tasks) per outer step
-    horizon: int = 200           # inner steps before a slot's task is replaced
+    horizon: int = 500           # inner steps before a slot's task is replaced
     outer_lr: float = 3e-3
     clip_grad: float = 1.0       # global-norm clipping of the meta-gradient (0 = off)
     meta_loss: str = "valid_mean"
