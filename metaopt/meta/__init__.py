@@ -9,5 +9,6 @@ from metaopt.meta.trainer import MetaTrainer, TrainConfig
 from metaopt.meta.checkpoint import CheckpointError, load_rule, save_rule
 
 __all__ = ["SCHEMES", "Scheme", "SchemeOutput", "make_scheme", "register_scheme", "Nested",
+           "Interleaved", "Continuous", "ES", "PES",
            "inner_step", "unroll", "MetaTrainer", "TrainConfig", "CheckpointError", "load_rule",
            "save_rule"]
