@@ -95,3 +95,26 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
     assert err[-1].startswith("error:") and "meta.outer_lr" in err[-1], r.stderr
     r = _cli(["metaopt.cli.evaluate", "checkpoint=/nonexistent", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert r.returncode != 0 and "checkpoint=" in r.stderr.splitlines()[-1]
+
+
+def test_two_job_multirun_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _cli(["metaopt.cli.train", "-m", "scheme=nested,interleaved", "task=quadratic", "rule=sgd",
+              "meta.outer_steps=3", "meta.meta_batch=2", "meta.horizon=6", "meta.progress=false",
+              f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
+    assert len(runs) == 2
+    r = _cli(["metaopt.cli.report", str(sweep), "--eval-steps", "5", "--eval-tasks", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import csv
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert sorted(r["scheme"] for r in rows) == ["interleaved", "nested"]
+    assert all(float(r["heldout_learned"]) > 0 for r in rows)
+    # interleaved takes one inner step per outer step, nested one window (20) per outer step
+    steps = {r["scheme"]: int(r["inner_steps"]) for r in rows}
+    assert steps["nested"] == 3 * 2 * 20 and steps["interleaved"] == 3 * 2
+    for name in ("meta_loss_vs_time.png", "meta_loss_vs_inner_steps.png", "heldout.png"):
+        assert (sweep / name).exists()
+    r = _cli(["metaopt.cli.report", str(tmp_path / "nope")], tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: sweep_dir")
