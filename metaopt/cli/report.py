@@ -1,4 +1,5 @@
-"""``metaopt-report <sweep dir>``: compare the runs of a ``metaopt-train -m`` sweep.
+"""``metaopt-report <sweep dir>``: compare the runs of a ``metaopt-train -m`` sweep (or merge
+the jobs of a ``metaopt-eval -m optimizer=...`` sweep into one table).
 
 For every run directory (one with metrics.csv) it reads the meta-training curve, evaluates the
 run's final rule on held-out tasks of its own training family (fresh seeds, the same tasks for
@@ -133,6 +134,27 @@ def to_markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def eval_sweep_table(sweep_dir: Path) -> str:
+    """An ``metaopt-eval -m optimizer=...`` sweep: merge the jobs' results.csv into one table
+    (rows shared by every job -- the learned rule, Adam at the reference lr -- counted once)."""
+    from metaopt.cli.evaluate import summarize, _write_csv
+    seen, rows = set(), []
+    for path in sorted(sweep_dir.rglob("results.csv")):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                key = (r["family"], r["task_seed"], r["optimizer"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                r["final_valid"], r["final_test"] = float(r["final_valid"]), float(r["final_test"])
+                r["lr"] = float(r["lr"]) if r["lr"] not in ("", "None") else None
+                rows.append(r)
+    if not rows:
+        raise ValueError(f"sweep_dir: no runs (no metrics.csv or results.csv) under {sweep_dir}")
+    _write_csv(sweep_dir / "report.csv", rows)
+    return summarize(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="metaopt-report", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", type=Path)
@@ -145,14 +167,16 @@ def main(argv=None) -> int:
     try:
         if not a.sweep_dir.is_dir():
             raise ValueError(f"sweep_dir: {a.sweep_dir} is not a directory")
-        rows = make_report(a.sweep_dir, a.eval_steps, a.eval_tasks, a.seed)
+        if not find_runs(a.sweep_dir) and any(a.sweep_dir.rglob("results.csv")):
+            table = eval_sweep_table(a.sweep_dir)
+        else:
+            table = to_markdown(make_report(a.sweep_dir, a.eval_steps, a.eval_tasks, a.seed))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = to_markdown(rows)
     (a.sweep_dir / "report.md").write_text(table + "\n")
     print(table)
-    print(f"wrote {a.sweep_dir / 'report.csv'} and figures")
+    print(f"wrote {a.sweep_dir / 'report.csv'}, {a.sweep_dir / 'report.md'}")
     return 0
 
 
