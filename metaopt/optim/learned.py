@@ -9,6 +9,10 @@
 Each param group's ``lr`` (default 1.0) multiplies the rule's update, so LR schedulers work.
 The rule's state (momenta, step counter, over the flat view of all parameters) lives in
 ``self.state["rule"]`` and round-trips through ``state_dict``; theta is stored there too.
+When the rule has an in-place fast path (``Rule.step_``: adam, sgd, mlp) and all parameters
+share one dtype and device, ``step`` uses it (the same update up to rounding, without building
+the flat parameter vector); like ``torch.optim``, the state tensors are then updated in place,
+so a ``state_dict()`` kept across steps changes with them (deep-copy it to keep a snapshot).
 """
 from __future__ import annotations
 
@@ -96,6 +100,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state["rule"] = st
         return st
 
+    def _can_step_(self, plist, state) -> bool:
+        """Whether the rule's in-place ``step_`` applies: it has one, and params, grads and
+        state share one dtype and device (otherwise ``update``'s type promotion is kept)."""
+        if not self.rule.has_step_() or not plist:
+            return False
+        dtype, device = plist[0].dtype, plist[0].device
+        for p in plist:
+            if p.dtype != dtype or p.device != device or (p.grad is not None and (
+                    p.grad.is_sparse or p.grad.dtype != dtype or p.grad.device != device)):
+                return False
+        return all(v.device == device and (not v.is_floating_point() or v.dtype == dtype)
+                   for v in state.values())
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -107,10 +124,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "closure that returns the loss")
         plist = [p for g in self.param_groups for p in g["params"]]
         params = dict(zip(self._names, plist))
-        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+        glist = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plist]
+        grads = dict(zip(self._names, glist))
         ctx = {"loss": loss.detach() if isinstance(loss, Tensor) else loss,
                "act": dict(self._recorder.stats) if self._recorder is not None else None}
         state = self._rule_state(params)
+        if self._can_step_(plist, state):
+            # in-place fast path; each group's lr scales its tensors' updates
+            scales = [float(g["lr"]) for g in self.param_groups for _ in g["params"]]
+            self.state["rule"] = self.rule.step_(self.theta, plist, glist, state,
+                                                 self.spec, ctx, scales)
+            return loss
         updates, new_state = self.rule.update(self.theta, grads, state, params, ctx)
         self.state["rule"] = new_state
         i = 0
@@ -141,6 +165,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         st = self.state.get("rule")
         if st is not None:
+            # own copies: the rule's fast path updates its state in place, and the tensors of a
+            # loaded state_dict must not change under the caller (or be shared by two optimizers)
+            st = self.state["rule"] = {k: v.clone() if isinstance(v, Tensor) else v
+                                       for k, v in st.items()}
             expected = self.rule.init({n: p for n, p in zip(self._names,
                                        [p for g in self.param_groups for p in g["params"]])})
             for k, v in expected.items():

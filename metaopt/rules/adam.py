@@ -4,6 +4,11 @@
     p <- p - lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
 (epsilon outside the square root, after bias correction -- torch's placement, which differs
 from higher's Adam.) State: ``step``, ``m`` [N], ``v`` [N].
+
+``step_`` is the in-place no-grad fast path (see :mod:`metaopt.rules.base`) that
+:class:`metaopt.optim.LearnedOptimizer` uses: like ``torch.optim.Adam(foreach=True)`` it
+updates the moments (per-tensor views of the flat state) and the parameters in place, without
+concatenating anything.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import math
 
 import torch
 
-from metaopt.rules.base import Rule, register_rule
+from metaopt.rules.base import Rule, default_scales, flat_views, register_rule
 from metaopt.types import FlatSpec, safe_sqrt
 
 
@@ -64,3 +69,25 @@ class Adam(Rule):
                                  self.beta1, self.beta2, self.eps)
         lr = torch.exp(theta["log_lr"]).to(g.dtype)
         return spec.unflatten(-lr * d), {"step": step, "m": m, "v": v}
+
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        params, grads = list(params), list(grads)
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        step = state["step"] + 1
+        t = float(step)
+        m, v = state["m"], state["v"]
+        # moments on per-tensor views of the flat state: the gradients are never concatenated
+        m_views, v_views = flat_views(m, spec), flat_views(v, spec)
+        torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
+        torch._foreach_mul_(v_views, self.beta2)
+        torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
+        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
+        denom = v.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
+        # the same rounding of lr as ``update`` (theta may be float32 while params are float64)
+        lr = float(torch.exp(theta["log_lr"]).to(v.dtype))
+        torch._foreach_addcdiv_(params, m_views, flat_views(denom, spec),
+                                [-lr / bc1 * s for s in scales])
+        return {"step": step, "m": m, "v": v}

@@ -14,10 +14,32 @@ rule unrolls through one engine and its hyperparameters can be meta-learned.
 
 State is a flat ``dict[str, Tensor]`` (not a NamedTuple) so it round-trips through safetensors
 and ``torch.optim.Optimizer.state_dict`` without pickling; each rule documents its keys.
+
+Optional in-place fast path
+---------------------------
+A rule may also define
+
+    step_(theta, params: list[Tensor], grads: list[Tensor], state, spec, ctx=None,
+          scales: list[float] | None = None) -> new_state
+
+for use outside meta-training (:class:`metaopt.optim.LearnedOptimizer` calls it under
+``torch.no_grad``). ``params``/``grads`` are the parameter tensors and their gradients in
+``spec``'s order (``spec.names``), all of one dtype and device, the dtype of ``state``. It must
+have the effect of
+
+    updates, new_state = update(theta, dict(zip(spec.names, grads)), state,
+                                dict(zip(spec.names, params)), ctx)
+    params[i] += scales[i] * updates[spec.names[i]]        (scales default to 1)
+
+up to floating-point rounding, but it writes the parameters in place and may update the
+tensors of ``state`` in place and return them in ``new_state`` (so the caller must not use the
+old ``state`` afterwards). It is not differentiable and need not vmap. The base class sets
+``step_ = None`` (absent); :meth:`Rule.has_step_` tells whether a rule provides one, and callers
+fall back to ``update`` when it does not.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -61,6 +83,18 @@ class Rule:
                ctx: Optional[Context] = None) -> Tuple[Params, State]:
         raise NotImplementedError
 
+    #: optional in-place, no-grad fast path (see the module docstring for the contract);
+    #: ``None`` means the rule has none and callers use ``update``
+    step_: Optional[Callable[..., State]] = None
+
+    def has_step_(self) -> bool:
+        """Whether ``step_`` is available and implements this rule's ``update``: a subclass
+        that overrides ``update`` without overriding ``step_`` does not use the inherited one."""
+        mro = type(self).__mro__
+        owner_step = next(k for k in mro if "step_" in vars(k))
+        owner_update = next((k for k in mro if "update" in vars(k)), Rule)
+        return vars(owner_step)["step_"] is not None and issubclass(owner_step, owner_update)
+
     # -- serialization ---------------------------------------------------------------------
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor kwargs; ``make_rule(**{'name': n, **cfg})`` rebuilds the rule."""
@@ -77,3 +111,29 @@ class Rule:
 def step_of(state: State, like: Tensor) -> Tensor:
     """The step counter as a float tensor on ``like``'s device/dtype."""
     return state["step"].to(like.dtype)
+
+
+# -- helpers for ``step_`` implementations ---------------------------------------------------------
+def flat_views(flat: Tensor, spec: FlatSpec) -> List[Tensor]:
+    """Views of a flat [N] tensor shaped like ``spec``'s tensors (no copies)."""
+    return [part.view(s) for part, s in zip(torch.split(flat, spec.numels), spec.shapes)]
+
+
+def default_scales(scales: Optional[Sequence[float]], n: int) -> List[float]:
+    if scales is None:
+        return [1.0] * n
+    scales = [float(s) for s in scales]
+    if len(scales) != n:
+        raise ValueError(f"got {len(scales)} scales for {n} parameter tensors")
+    return scales
+
+
+def add_scaled_(params: Sequence[Tensor], updates: Sequence[Tensor], alpha: float,
+                scales: Sequence[float]) -> None:
+    """In place: ``params[i] += alpha * scales[i] * updates[i]``."""
+    if len(set(scales)) <= 1:
+        if params:
+            torch._foreach_add_(list(params), list(updates), alpha=alpha * scales[0])
+    else:
+        for p, u, s in zip(params, updates, scales):
+            p.add_(u, alpha=alpha * s)

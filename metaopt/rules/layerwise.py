@@ -73,6 +73,12 @@ class LayerwiseLR(Rule):
 
     def update(self, theta, grads, state, params, ctx=None):
         spec = FlatSpec.of(params)
+        if self.direction == "sgd" and not self.act_features and not self.loss_features and grads:
+            # plain per-layer SGD: scale each gradient tensor, no flatten / gather / unflatten
+            some = next(iter(grads.values()))
+            lr = torch.exp(self.layer_log_lr(theta, state["step"]).to(some.dtype))
+            return ({n: -lr[i] * grads[n] for i, n in enumerate(spec.names)},
+                    {"step": state["step"] + 1})
         g = spec.flatten(grads)
         new_state = {"step": state["step"] + 1}
         log_lr = self.layer_log_lr(theta, state["step"]).to(g.dtype)

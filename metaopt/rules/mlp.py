@@ -10,24 +10,55 @@ Output: ``step = direction * exp(magnitude * 1e-3) * 1e-3 * exp(log_scale)``, ``
 The 1e-3 multipliers keep an untrained rule's steps tiny and stable; ``log_scale`` (a learned
 scalar, 0 at init so the fresh rule is exactly the formula above) lets meta-training move the
 overall step size in log space instead of growing every output weight.
+
+``step_`` is an in-place no-grad fast path (see :mod:`metaopt.rules.base`) used by
+:class:`metaopt.optim.LearnedOptimizer`. It never builds the [N, F] feature matrix: it walks the
+flat layout in windows of ``chunk_rows`` coordinates (so the [rows, hidden] intermediates stay in
+cache), updating the moments and summing the squared features per tensor in a first pass; in a
+second pass, within one tensor, the per-tensor RMS normalization is folded into the rows of the
+first-layer weights and the per-tensor inputs (vector flag, time, loss surprise, activations)
+into the first-layer bias, so each window costs one ``addmm`` per layer.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import lru_cache
+from typing import List, Sequence, Tuple
 
 import math
 
 import torch
 
-from metaopt.rules.base import Rule, register_rule
+from metaopt.rules.base import Rule, default_scales, register_rule
 from metaopt.rules.features import (NUM_ACT, act_features, init_surprise_state, loss_surprise,
                                     normalize_per_tensor, require_loss, time_features)
 from metaopt.types import FlatSpec, safe_sqrt
 
 
+@lru_cache(maxsize=64)
+def _windows(numels: Tuple[int, ...], rows: int) -> List[Tuple[int, int, Tuple[Tuple[int, int, int], ...]]]:
+    """Cut the flat layout into windows ``[start, stop)`` of at most ``rows`` coordinates; each
+    window lists its pieces ``(tensor index, begin, end)`` (coordinates within that tensor)."""
+    out, pieces, start, pos = [], [], 0, 0
+    for t, n in enumerate(numels):
+        b = 0
+        while b < n:
+            e = min(n, b + rows - (pos - start))
+            pieces.append((t, b, e))
+            pos += e - b
+            b = e
+            if pos - start == rows:
+                out.append((start, pos, tuple(pieces)))
+                pieces, start = [], pos
+    if pieces:
+        out.append((start, pos, tuple(pieces)))
+    return out
+
+
 @register_rule
 class MLPRule(Rule):
     name = "mlp"
+    #: coordinates per window in ``step_``
+    chunk_rows: int = 16384
 
     def __init__(self, hidden_size: int = 32, num_layers: int = 2,
                  decays: Sequence[float] = (0.5, 0.9, 0.99, 0.999), rms_decay: float = 0.999,
@@ -118,3 +149,105 @@ class MLPRule(Rule):
         step = step * torch.exp(theta["log_scale"].to(g.dtype))
         new_state = {"step": state["step"] + 1, "m": m, "v": v, **extra}
         return spec.unflatten(-step), new_state
+
+    # -- in-place fast path ----------------------------------------------------------------------
+    def _raw_features(self, out, p, g, m, v):
+        """Un-normalized per-coordinate features, transposed: ``out`` [F, r] (rows as in
+        :meth:`features`: p, g, m_k, sqrt(v), g / sqrt(v), m_k / sqrt(v))."""
+        k = len(self.decays)
+        out[0].copy_(p)
+        out[1].copy_(g)
+        out[2:2 + k].copy_(m)
+        torch.sqrt(v, out=out[2 + k])
+        rsq = torch.rsqrt(v + 1e-12)
+        torch.mul(g, rsq, out=out[3 + k])
+        torch.mul(m, rsq, out=out[4 + k:])
+        return out
+
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        m_all, v_all = state["m"], state["v"]
+        dtype, device = v_all.dtype, v_all.device
+        k, F, T = len(self.decays), 2 * len(self.decays) + 4, spec.num_tensors
+        numels = spec.numels
+        windows = _windows(numels, int(self.chunk_rows))
+        rows = max((b - a for a, b, _ in windows), default=0)
+        flat_p = [p.reshape(-1) for p in params]  # views (copies are written back at the end)
+        flat_g = [g.reshape(-1) for g in grads]
+        dec = torch.tensor(self.decays, dtype=dtype, device=device)[:, None]
+        one_m_dec = 1 - dec
+        rd = self.rms_decay
+        buf = torch.empty(F * rows, dtype=dtype, device=device)
+
+        def window_pg(pieces):
+            if len(pieces) == 1:
+                t, b, e = pieces[0]
+                return flat_p[t][b:e], flat_g[t][b:e]
+            return (torch.cat([flat_p[t][b:e] for t, b, e in pieces]),
+                    torch.cat([flat_g[t][b:e] for t, b, e in pieces]))
+
+        def local_seg(pieces):
+            return torch.repeat_interleave(
+                torch.tensor([t for t, _, _ in pieces], device=device),
+                torch.tensor([e - b for _, b, e in pieces], device=device))
+
+        # pass 1: moments in place; per-tensor sums of the squared per-coordinate features
+        sumsq = torch.zeros(T, F, dtype=dtype, device=device)
+        for a, b, pieces in windows:
+            p_c, g_c = window_pg(pieces)
+            m_c, v_c = m_all[:, a:b], v_all[a:b]
+            m_c.mul_(dec).addcmul_(one_m_dec, g_c)
+            v_c.mul_(rd).addcmul_(g_c, g_c, value=1 - rd)
+            x = self._raw_features(buf[:F * (b - a)].view(F, b - a), p_c, g_c, m_c, v_c)
+            sq = x * x
+            if len(pieces) == 1:
+                sumsq[pieces[0][0]] += sq.sum(1)
+            else:
+                sumsq.index_add_(0, local_seg(pieces), sq.t())
+        counts = torch.tensor(numels, dtype=dtype, device=device)
+        r = torch.rsqrt(sumsq / counts[:, None] + 1e-8)  # [T, F], as normalize_per_tensor
+
+        # per-tensor inputs, folded into a per-tensor first-layer bias
+        step_f = state["step"].to(dtype)
+        is_vec = torch.tensor([float(len(sh) <= 1) for sh in spec.shapes], dtype=dtype, device=device)
+        glob = [time_features(step_f, self.time_taus)]
+        extra = {}
+        if self.loss_features:
+            s, mean, var = loss_surprise(state, require_loss(ctx, self.name))
+            glob.append(s.reshape(1))
+            extra.update(loss_mean=mean, loss_var=var)
+        glob = torch.cat(glob).to(dtype)
+        per_tensor = [is_vec[:, None], glob.expand(T, glob.shape[0])]
+        if self.act_features:
+            per_tensor.append(act_features(spec, ctx, dtype, device))
+        w = [theta[f"w{i}"].to(dtype) for i in range(self.num_layers + 1)]
+        bias = [theta[f"b{i}"].to(dtype) for i in range(self.num_layers + 1)]
+        w0, w0_rest = w[0][:F], w[0][F:]
+        bias0 = torch.addmm(bias[0], torch.cat(per_tensor, dim=1), w0_rest)  # [T, H]
+        w0_t = r[:, :, None] * w0  # [T, F, H]: row c of tensor t's W0 times 1/RMS_t(c)
+        mult = self.step_mult * float(torch.exp(theta["log_scale"].to(dtype)))
+
+        # pass 2: the MLP on each window, and the parameter update
+        for a, b, pieces in windows:
+            p_c, g_c = window_pg(pieces)
+            x = self._raw_features(buf[:F * (b - a)].view(F, b - a), p_c, g_c,
+                                   m_all[:, a:b], v_all[a:b])
+            if len(pieces) == 1:
+                t = pieces[0][0]
+                h = torch.addmm(bias0[t], x.t(), w0_t[t])
+            else:
+                seg = local_seg(pieces)
+                h = torch.addmm(bias0[seg], (x * r.t()[:, seg]).t(), w0)
+            for i in range(1, self.num_layers + 1):
+                h.relu_()
+                h = torch.addmm(bias[i], h, w[i])
+            step = torch.mul(h[:, 1], self.exp_mult).exp_().mul_(h[:, 0])
+            lo = 0
+            for t, pb, pe in pieces:
+                flat_p[t][pb:pe].add_(step[lo:lo + pe - pb], alpha=-mult * scales[t])
+                lo += pe - pb
+        for p, fp in zip(params, flat_p):
+            if fp.data_ptr() != p.data_ptr() or not p.is_contiguous():
+                p.copy_(fp.view(p.shape))
+        return {"step": state["step"] + 1, "m": m_all, "v": v_all, **extra}

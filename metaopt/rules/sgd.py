@@ -4,6 +4,9 @@ Matches ``torch.optim.SGD`` update for update:
     g <- g + wd * p;  b <- g (first step) | mu * b + (1 - dampening) * g;
     d <- g + mu * b (nesterov) | b;   p <- p - lr * d
 State: ``step`` (scalar), ``buf`` [N] (momentum buffer, flat view).
+
+``step_`` is the in-place no-grad fast path (see :mod:`metaopt.rules.base`): per-tensor
+(``torch._foreach_*``) ops on the gradients and on views of the flat momentum buffer.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import math
 
 import torch
 
-from metaopt.rules.base import Rule, register_rule
+from metaopt.rules.base import Rule, add_scaled_, default_scales, flat_views, register_rule
 from metaopt.types import FlatSpec
 
 
@@ -58,3 +61,23 @@ class SGD(Rule):
             d = g
         lr = torch.exp(theta["log_lr"]).to(g.dtype)
         return spec.unflatten(-lr * d), {"step": state["step"] + 1, "buf": buf}
+
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        params, grads = list(params), list(grads)
+        buf = state["buf"]
+        lr = float(torch.exp(theta["log_lr"]).to(buf.dtype))
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        d = grads
+        if self.momentum:
+            b = flat_views(buf, spec)
+            if float(state["step"]) == 0:
+                torch._foreach_copy_(b, grads)
+            else:
+                torch._foreach_mul_(b, self.momentum)
+                torch._foreach_add_(b, grads, alpha=1 - self.dampening)
+            d = torch._foreach_add(grads, b, alpha=self.momentum) if self.nesterov else b
+        add_scaled_(params, d, -lr, scales)
+        return {"step": state["step"] + 1, "buf": buf}
