@@ -178,7 +178,10 @@ class InterleavedConf(SchemeConf):
 class ContinuousConf(SchemeConf):
     name: str = "continuous"
     window: int = 20
-    method: str = "rk4"              # euler | midpoint | rk4 | dopri5 | bosh3 | ...
+    # euler (default) integrates the rule exactly as its discrete update; rk4/dopri5 follow the
+    # continuous flow more closely but diverged (NaN) on the MLP rule, whose moment-normalized
+    # inputs make the field stiff in the first steps -- use them with sgd/adam/layerwise_lr rules
+    method: str = "euler"            # euler | midpoint | rk4 | dopri5 | bosh3 | ...
     gradient: str = "adjoint"        # adjoint | backprop
     eta: float = 1.0                 # time of one inner step
     substeps: int = 1                # fixed-grid solver steps per inner step
