@@ -89,6 +89,13 @@ def make_report(sweep_dir: Path, eval_steps: int = 200, eval_tasks: int = 3,
             row.update(evaluate_run(run, eval_steps, eval_tasks, seed))
         rows.append(row)
         curves[row["run"]] = m
+    # label runs by what differs between them (overrides shared by every run say nothing)
+    parts = [r["run"].split(",") for r in rows]
+    common = set.intersection(*map(set, parts)) if len(rows) > 1 else set()
+    for r, p in zip(rows, parts):
+        short = ",".join(x for x in p if x not in common) or r["run"]
+        curves[short] = curves.pop(r["run"])
+        r["run"] = short
     with open(sweep_dir / "report.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=keys)

@@ -55,7 +55,7 @@ def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every
             return loss
 
         loss = opt.step(closure)
-        if loss is not None and not math.isfinite(float(loss)):
+        if loss is not None and not math.isfinite(float(loss.detach() if torch.is_tensor(loss) else loss)):
             diverged = True
             break
         if t % eval_every == 0 or t == steps:
