@@ -1,0 +1,223 @@
+"""Memory/time of one meta-gradient through a window of T inner steps, per meta-gradient scheme,
+against the same nested computation written with higher. Run ``python benchmarks/bench_schemes.py -h``.
+
+One digits-MLP task (64-32-10 relu, batch 32, float32), learned rule ``layerwise_lr`` (SGD
+direction, theta = log_lr [num_steps, 4 tensors]), meta-loss ``valid_mean`` (mean validation loss
+after each of the T steps), theta held fixed. For each window length T:
+
+* nested           -- ``Nested(truncation=T).meta_gradient``: backprop through the T-step unroll.
+* nested+ckpt      -- ``Nested(truncation=T, checkpoint=True)``: each step recomputed in backward.
+* interleaved fwd  -- ``Interleaved(mode="forward")`` called T times (one inner step each, slot
+                      params/state/sensitivities written back as the MetaTrainer does): its T
+                      per-step exact meta-gradients. Time and peak memory are over all T calls.
+* continuous adj.  -- ``Continuous(window=T, method=..., gradient="adjoint", substeps=1,
+                      store_every=...)`` (torchdiffeq.odeint_adjoint).
+* higher           -- ``higher.innerloop_ctx`` + ``torch.optim.SGD`` with one param group per
+                      tensor, per-step rates via ``diffopt.step(loss, override={"lr": [...]})``
+                      (as in bench_core.py), then ``torch.autograd.grad`` of the mean valid loss.
+
+Peak memory: one extra (untimed) call per method under ``torch.profiler.profile(
+profile_memory=True)``; every CPU allocation/free the profiler records is attributed to the op that
+made it (``self_cpu_memory_usage``, plus the profiler's bare ``[memory]`` events); the running sum
+of those in event start order is the live tensor memory allocated since the call began, and its
+maximum is the reported peak (MB = 2**20 bytes). It counts tensor storage only (not Python
+objects) and sees a net figure per op (a transient inside a single op is not resolved).
+Times are wall clock without the profiler, median of ``--repeats`` after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header, median, set_threads  # noqa: E402
+
+import higher  # noqa: E402
+
+from metaopt.meta.continuous import Continuous  # noqa: E402
+from metaopt.meta.interleaved import Interleaved  # noqa: E402
+from metaopt.meta.nested import Nested, sample_window  # noqa: E402
+from metaopt.meta.slots import new_slot  # noqa: E402
+from metaopt.rules import make_rule  # noqa: E402
+from metaopt.tasks import make_family  # noqa: E402
+from metaopt.types import FlatSpec  # noqa: E402
+
+META_LOSS = "valid_mean"
+GOAL = 0.25  # at T=200: forward-mode and adjoint peak memory <= 1/4 of higher's
+
+
+class Problem:
+    def __init__(self, T, rule_steps, width, batch_size, seed):
+        self.T = T
+        family = make_family("digits_mlp", widths=[width], depths=[1], activations=["relu"],
+                             batch_sizes=[batch_size])
+        self.rule = make_rule("layerwise_lr", lr=0.1, num_steps=rule_steps, direction="sgd")
+        self.slot = new_slot(family, self.rule, seed, horizon=10 ** 9)
+        self.params0 = {k: v.clone() for k, v in self.slot.params.items()}
+        self.state0 = {k: v.clone() for k, v in self.slot.state.items()}
+        self.gen0 = self.slot.gen.get_state()
+        self.batches = sample_window(self.slot, T, True)  # what Nested/Continuous draw
+        self.reset()
+        spec = FlatSpec.of(self.params0)
+        g = torch.Generator().manual_seed(seed + 1)
+        log_lr = math.log(0.1) + 0.3 * torch.randn(rule_steps, spec.num_tensors, generator=g)
+        self.theta = {"log_lr": log_lr.requires_grad_(True)}
+        self.module = copy.deepcopy(self.slot.task.module)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        if [n for n, _ in self.module.named_parameters()] != list(spec.names):
+            raise RuntimeError("parameter order differs between the module and the flat spec")
+
+    def reset(self):
+        s = self.slot
+        s.params = {k: v.clone() for k, v in self.params0.items()}
+        s.state = {k: v.clone() for k, v in self.state0.items()}
+        s.gen.set_state(self.gen0)
+        s.extra, s.step = {}, 0
+
+
+def run_scheme(P: Problem, scheme):
+    P.reset()
+    return scheme.meta_gradient(P.rule, P.theta, [P.slot], META_LOSS).grads["log_lr"]
+
+
+def run_interleaved(P: Problem, scheme: Interleaved):
+    P.reset()
+    s, total = P.slot, None
+    for _ in range(P.T):  # theta fixed: each call is one inner step and its exact meta-gradient
+        out = scheme.meta_gradient(P.rule, P.theta, [s], META_LOSS)
+        s.params, s.state, s.extra = out.params[0], out.states[0], out.extras[0]
+        g = out.grads["log_lr"]
+        total = g if total is None else total + g
+    return total / P.T
+
+
+def run_higher(P: Problem):
+    log_lr = P.theta["log_lr"]
+    lrs = torch.exp(log_lr)
+    n_rows = lrs.shape[0]
+    module = P.module
+    opt = torch.optim.SGD([{"params": [p]} for p in module.parameters()], lr=0.1)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.copy_(P.params0[n])
+    tb, vb = P.batches
+    with higher.innerloop_ctx(module, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        losses = []
+        for t in range(P.T):
+            loss = fmodel(tb[0][t], tb[1][t])
+            diffopt.step(loss, override={"lr": list(lrs[min(t, n_rows - 1)].unbind())})
+            losses.append(fmodel(vb[0][t], vb[1][t]))
+        total = torch.stack(losses).mean()
+    return torch.autograd.grad(total, log_lr)[0]
+
+
+def peak_mb(fn) -> float:
+    """Peak of the running sum of CPU allocations the profiler records during fn()."""
+    # the profiler's C++ side prints start/stop lines on stderr: silence fd 2 for the call
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True, record_shapes=False) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    evs = sorted(prof.events(), key=lambda e: e.time_range.start)
+    run = peak = 0
+    for e in evs:
+        run += e.self_cpu_memory_usage
+        peak = max(peak, run)
+    return peak / 2 ** 20
+
+
+def time_median(fn, repeats) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return median(ts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--windows", default="10,50,200", help="window lengths T, comma separated")
+    ap.add_argument("--rule-steps", type=int, default=10,
+                    help="layerwise_lr num_steps (rows of log_lr; step t uses row min(t, n-1)); "
+                         "0 = T. Forward mode costs one JVP per meta-parameter (4 x this)")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--method", default="euler", choices=("euler", "rk4"),
+                    help="continuous scheme's fixed-grid solver (substeps=1)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    threads = set_threads(args.threads)
+    windows = [int(x) for x in args.windows.split(",")]
+    print(header("metaopt meta-gradient schemes: memory and time vs window (benchmarks/bench_schemes.py)",
+                 threads))
+    print(f"one digits-MLP task 64-{args.width}-10 relu, batch {args.batch_size}, float32; rule "
+          f"layerwise_lr (sgd), meta-loss {META_LOSS}, theta fixed")
+    print("peak MB: torch.profiler(profile_memory=True), max over the call of the running sum of "
+          "per-op net CPU tensor allocations (self_cpu_memory_usage) in event start order; "
+          "tensor storage only, one untimed call")
+    print(f"time: wall clock without the profiler, median of {args.repeats} after 1 warm-up; "
+          "interleaved = all T one-step calls; grad err = max|g - g_nested| / max|g_nested| "
+          "(interleaved: mean of its T per-step gradients; it draws its batches per step, in a "
+          "different order, so no error is shown)")
+    rows = {}
+    for T in windows:
+        rs = args.rule_steps or T
+        P = Problem(T, rs, args.width, args.batch_size, args.seed)
+        cont = Continuous(window=T, method=args.method, gradient="adjoint", substeps=1,
+                          store_every=1)
+        methods = {
+            "nested (backprop)": lambda: run_scheme(P, Nested(truncation=T)),
+            "nested checkpoint": lambda: run_scheme(P, Nested(truncation=T, checkpoint=True)),
+            "interleaved forward": lambda: run_interleaved(P, Interleaved(mode="forward")),
+            f"continuous adjoint {args.method}": lambda: run_scheme(P, cont),
+            "higher": lambda: run_higher(P),
+        }
+        ref = methods["nested (backprop)"]()
+        scale = float(ref.abs().max())
+        print(f"\nT = {T}  (theta log_lr [{rs}, 4] = {4 * rs} meta-parameters; continuous: "
+              f"method={args.method}, substeps=1, store_every=1 -- with {META_LOSS} the adjoint "
+              f"stores the solution at every step; store_every>1 applies to valid_last only)")
+        print(f"  {'method':28s} {'time ms':>10s} {'peak MB':>9s} {'peak/higher':>12s} {'grad err':>9s}")
+        res = {}
+        for name, fn in methods.items():
+            g = fn()
+            err = "-" if name.startswith("interleaved") else f"{float((g - ref).abs().max()) / scale:.1e}"
+            res[name] = (time_median(fn, args.repeats), peak_mb(fn), err)
+        hp = res["higher"][1]
+        for name, (t, m, err) in res.items():
+            print(f"  {name:28s} {t * 1e3:10.1f} {m:9.2f} {m / hp:11.2f}x {err:>9s}")
+        rows[T] = res
+    print(f"\nproject goal: at T=200 the forward-mode and adjoint schemes use <= 1/4 of higher's "
+          f"peak memory")
+    if 200 not in rows:
+        print("  not evaluated: T=200 not among --windows")
+        return
+    res = rows[200]
+    hp = res["higher"][1]
+    for name in ("interleaved forward", f"continuous adjoint {args.method}"):
+        r = res[name][1] / hp
+        print(f"  {name:28s} {res[name][1]:8.2f} MB / higher {hp:.2f} MB = {r:.3f}  "
+              f"{'MET' if r <= GOAL else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
