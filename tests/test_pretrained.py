@@ -4,24 +4,12 @@ from pathlib import Path
 
 import torch
 
+from metaopt.meta.evaluate import train_task
 from metaopt.optim import LearnedOptimizer
 from metaopt.optim.learned import PRETRAINED_DIR
 from metaopt.tasks import make_family
 
 README = Path(__file__).parents[1] / "README.md"
-
-
-def _train(task, opt, params, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = task.sample_batch("train", g)
-
-        def closure():
-            opt.zero_grad()
-            loss = task.loss(params, batch)
-            loss.backward()
-            return loss
-        opt.step(closure)
 
 
 def test_default_rule_is_small_and_lowers_heldout_losses():
@@ -31,11 +19,9 @@ def test_default_rule_is_small_and_lowers_heldout_losses():
                                  ("digits_conv", {}, 654_321, 0.8),
                                  ("logreg_cancer", {}, 7, 0.3)]:
         task = make_family(fam, **kw).sample_seeded(seed)
-        params = {k: v.requires_grad_(True) for k, v in task.init_params(torch.Generator().manual_seed(seed)).items()}
-        before = task.evaluate(params)
-        opt = LearnedOptimizer.from_pretrained(list(params.items()), "default", model=task.module)
-        _train(task, opt, params, 150)
-        after = task.evaluate(params)
+        run = train_task(task, lambda named, t: LearnedOptimizer.from_pretrained(
+            named, "default", model=t.module), steps=150, seed=seed, eval_every=150)
+        before, after = run.valid_losses[0], run.final_valid
         assert after < bound < before, (fam, before, after)
 
 
