@@ -28,14 +28,11 @@ register_configs()
 
 
 def _resolve_checkpoint(path: str):
-    from metaopt.meta.checkpoint import load_rule
-    from metaopt.optim.learned import PRETRAINED_DIR
-    p = Path(path)
-    if not p.exists() and (PRETRAINED_DIR / path).exists():
-        p = PRETRAINED_DIR / path
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint={path!r}: no such checkpoint directory or shipped rule")
-    return load_rule(p)
+    from metaopt.meta.checkpoint import CheckpointError, load_rule, resolve_rule_path
+    try:
+        return load_rule(resolve_rule_path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint={path!r}: {e}") from None
 
 
 def _torch_opt(cls, lr):

@@ -39,18 +39,17 @@ def _label(run: Path) -> str:
 
 def evaluate_run(run: Path, steps: int, tasks: int, seed: int) -> Dict[str, float]:
     import torch
-    from metaopt.cli.config import DTYPES
+    from omegaconf import OmegaConf
+    from metaopt.cli.config import DTYPES, build_family
     from metaopt.meta.checkpoint import load_rule
     from metaopt.meta.evaluate import train_task
     from metaopt.optim import LearnedOptimizer
-    from metaopt.tasks import make_family
 
     ckpt = run / "checkpoints" / "last"
     cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
     rule, theta, _ = load_rule(ckpt)
-    task_cfg = dict(cfg["task"])
     dtype = DTYPES[cfg["meta"]["dtype"]]
-    family = make_family(task_cfg.pop("family"), dtype=dtype, **task_cfg)
+    family = build_family(OmegaConf.create(cfg["task"]), cfg["meta"]["dtype"])
     learned, adam = [], []
     for i in range(tasks):
         task = family.sample_seeded(seed + i)

@@ -54,6 +54,22 @@ class CheckpointError(ValueError):
     pass
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def resolve_rule_path(name_or_path) -> Path:
+    """A rule checkpoint directory, or the name of a rule shipped in metaopt/pretrained."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = PRETRAINED_DIR / str(name_or_path)
+    if not shipped.exists():
+        known = sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir())
+        raise CheckpointError(f"No checkpoint at {str(name_or_path)!r} and no shipped rule of that "
+                              f"name (shipped: {known})")
+    return shipped
+
+
 def load_rule(path) -> Tuple[Rule, Params, dict]:
     """Read a rule checkpoint; checks theta against the rule's expected shapes."""
     path = Path(path)

@@ -22,12 +22,14 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from metaopt.meta.checkpoint import CheckpointError, check_theta, load_rule
+from metaopt.meta.checkpoint import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,
+                                     resolve_rule_path)
 from metaopt.rules.base import Rule, make_rule
 from metaopt.tasks.base import ActivationRecorder
 from metaopt.types import FlatSpec, Params
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+__all__ = ["LearnedOptimizer", "PRETRAINED_DIR"]  # PRETRAINED_DIR: where shipped rules live
+
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -67,14 +69,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     @classmethod
     def from_pretrained(cls, params, name_or_path: Union[str, Path] = "default", **kwargs):
         """Load a rule checkpoint directory (theta.safetensors + rule.json), or a shipped name."""
-        path = Path(name_or_path)
-        if not path.exists():
-            shipped = PRETRAINED_DIR / str(name_or_path)
-            if not shipped.exists():
-                known = sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir())
-                raise CheckpointError(f"No checkpoint at {name_or_path!r} and no shipped rule of that "
-                                      f"name (shipped: {known})")
-            path = shipped
+        path = resolve_rule_path(name_or_path)
         rule, theta, meta = load_rule(path)
         params = list(params)
         opt = cls(params, rule=rule, theta=theta if not rule.spec_dependent else None, **kwargs)
