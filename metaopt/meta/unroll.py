@@ -17,7 +17,7 @@ from torch.func import grad_and_value, vmap
 from metaopt.rules.base import Rule
 from metaopt.types import Batch, Params, State
 
-META_LOSSES = ("valid_mean", "valid_log_mean", "valid_last", "train")
+META_LOSSES = ("valid_mean", "valid_log_mean", "valid_last", "train", "train_log_mean")
 
 
 class UnrollOut(NamedTuple):
@@ -59,7 +59,9 @@ def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffer
     ``valid_log_mean`` -- mean log validation loss (weighs a late-training window, where the loss
     is small, as much as an early one: a relative rather than absolute improvement);
     ``valid_last`` -- validation loss after the last step; ``train`` -- mean loss of each step's
-    own training batch re-evaluated after its update.
+    own training batch re-evaluated after its update; ``train_log_mean`` -- the mean log of that
+    loss: scale-free across tasks (its gradient equals that of the log loss normalized by the
+    task's initial loss), the objective for rules meant to train any model fast.
     ``checkpoint=True`` recomputes each step in the backward pass instead of storing it
     (torch.utils.checkpoint): less memory for long windows, about one extra forward.
     """
@@ -78,6 +80,8 @@ def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffer
             losses.append(torch.log(vl) if meta_loss == "valid_log_mean" else vl)
         elif meta_loss == "train":
             losses.append(apply_fn(params, buffers, batch))
+        elif meta_loss == "train_log_mean":
+            losses.append(torch.log(apply_fn(params, buffers, batch)))
     return UnrollOut(torch.stack(losses).mean(), torch.stack(train_losses).mean().detach(),
                      params, state)
 
