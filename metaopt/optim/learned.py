@@ -22,10 +22,10 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from metaopt.meta.checkpoint import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,
-                                     resolve_rule_path)
+from metaopt.activations import ActivationRecorder
 from metaopt.rules.base import Rule, make_rule
-from metaopt.tasks.base import ActivationRecorder
+from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,
+                              resolve_rule_path)
 from metaopt.types import FlatSpec, Params
 
 __all__ = ["LearnedOptimizer", "PRETRAINED_DIR"]  # PRETRAINED_DIR: where shipped rules live

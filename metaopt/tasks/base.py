@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+# ActivationRecorder lives in metaopt/activations.py (optim/ uses it too); re-exported here.
+from metaopt.activations import NUM_ACT_FEATURES, STAT_LAYERS, ActivationRecorder  # noqa: F401
 from metaopt.types import Batch, Params
 
 SPLITS = ("train", "valid", "test")
@@ -101,50 +103,6 @@ def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"Invalid split: {split!r} (use one of {SPLITS})")
     return split
-
-
-# Layers whose weights get activation statistics (input RMS, output RMS) for activation-aware rules.
-STAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-NUM_ACT_FEATURES = 2
-
-
-def _log_rms(t: Tensor) -> Tensor:
-    return 0.5 * torch.log(t.pow(2).mean() + 1e-12)
-
-
-class ActivationRecorder:
-    """Forward hooks that record, for each layer in ``STAT_LAYERS``, the log-RMS of its input and
-    output, keyed by the names of that layer's parameters. Works under functional_call and vmap
-    (the recorded values are batched like everything else) and on plain modules (used by
-    LearnedOptimizer on a user's model)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.stats: Dict[str, Tensor] = {}
-        self._handles = []
-
-    def _hook(self, prefix: str, pnames):
-        def hook(mod, inputs, output):
-            x = inputs[0]
-            xin = _log_rms(x) if x.is_floating_point() else output.new_zeros(())
-            feats = torch.stack([xin, _log_rms(output)])
-            for p in pnames:
-                self.stats[prefix + p] = feats
-        return hook
-
-    def __enter__(self):
-        self.stats = {}
-        for name, mod in self.module.named_modules():
-            if isinstance(mod, STAT_LAYERS):
-                prefix = f"{name}." if name else ""
-                pnames = [n for n, _ in mod.named_parameters(recurse=False)]
-                self._handles.append(mod.register_forward_hook(self._hook(prefix, pnames)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 class Task:
