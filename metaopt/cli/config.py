@@ -4,7 +4,7 @@ meta/ and eval/. Typed fields mean a malformed value fails at composition with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -72,6 +72,49 @@ class CharLMConf(TaskConf):
     mlp_ratio: int = 4
 
 
+@dataclass
+class DigitsAEConf(TaskConf):
+    family: str = "digits_ae"
+    widths: List[int] = field(default_factory=lambda: [32, 64])
+    bottlenecks: List[int] = field(default_factory=lambda: [4, 8, 16])
+    activations: List[str] = field(default_factory=lambda: ["relu", "tanh"])
+    losses: List[str] = field(default_factory=lambda: ["mse"])
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    split_seed: int = 0
+
+
+@dataclass
+class SuiteConf(TaskConf):
+    family: str = "suite"
+    problem: str = "wine_mlp"
+
+
+def _default_mixture():
+    # the meta-training mixture of the shipped default rule (see README "learned optimizer")
+    return {
+        "digits_mlp": {"weight": 4.0, "widths": [16, 32, 64, 128], "depths": [1, 2, 3],
+                       "activations": ["relu", "tanh", "gelu"], "init_scale": [0.5, 2.0],
+                       "batch_sizes": [32, 64, 128], "norms": ["none", "layer"]},
+        "digits_conv": {"weight": 1.0, "channels": [8, 16], "depths": [1, 2],
+                        "activations": ["relu", "gelu"], "batch_sizes": [64]},
+        "digits_ae": {"weight": 1.5},
+        "logreg_cancer": {"weight": 1.0, "batch_size": 32},
+        "quadratic": {"weight": 0.5, "dim": 10, "cond": [1.0, 100.0], "noise": [0.0, 0.5],
+                      "batch_size": 1},
+        "char_lm": {"weight": 0.5, "seq_len": 16, "d_model": 16, "n_layers": 1, "n_heads": 2,
+                    "batch_size": 8},
+    }
+
+
+@dataclass
+class MixtureConf(TaskConf):
+    family: str = "mixture"
+    members: Dict[str, Any] = field(default_factory=_default_mixture)
+    reparam_prob: float = 0.5          # Celo-style augmentation: per-tensor scale reparam
+    reparam_range: List[float] = field(default_factory=lambda: [0.1, 10.0])
+
+
 # -- rule/ ------------------------------------------------------------------------------------
 @dataclass
 class RuleConf:
@@ -124,6 +167,20 @@ class MLPRuleConf(RuleConf):
     time_taus: List[float] = field(default_factory=lambda: [1, 3, 10, 30, 100, 300, 1000, 3000])
     act_features: bool = True     # activation-aware: per-layer activation RMS as inputs
     loss_features: bool = True    # loss surprise as an input
+
+
+@dataclass
+class PerTensorRuleConf(RuleConf):
+    name: str = "pertensor"
+    hidden_size: int = 32
+    lr_matrix: float = 0.03
+    lr_vector: float = 3e-3
+    floor: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    time_taus: List[float] = field(default_factory=lambda: [10, 100, 1000, 10000])
+    max_log_mult: float = 3.0
 
 
 @dataclass
@@ -224,12 +281,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in [("digits_mlp", DigitsMLPConf), ("digits_conv", DigitsConvConf),
                        ("logreg_cancer", LogRegConf), ("quadratic", QuadraticConf),
-                       ("char_lm", CharLMConf)]:
+                       ("char_lm", CharLMConf), ("digits_ae", DigitsAEConf),
+                       ("suite", SuiteConf), ("mixture", MixtureConf)]:
         cs.store(group="task", name=name, node=node)
     for name, node in [("sgd", SGDRuleConf), ("adam", AdamRuleConf), ("layerwise_lr", LayerwiseConf),
                        ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf),
                        ("lookahead", LookaheadRuleConf), ("sgd_hd", SGDHDRuleConf),
-                       ("adam_hd", AdamHDRuleConf)]:
+                       ("adam_hd", AdamHDRuleConf), ("pertensor", PerTensorRuleConf)]:
         cs.store(group="rule", name=name, node=node)
     cs.store(group="scheme", name="nested", node=NestedConf)
     cs.store(group="scheme", name="interleaved", node=InterleavedConf)

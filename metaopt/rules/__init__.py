@@ -6,6 +6,7 @@ from metaopt.rules.layerwise import LayerwiseLR, PerParameterLR
 from metaopt.rules.mlp import MLPRule
 from metaopt.rules.lookahead import LookaheadRule
 from metaopt.rules.hypergradient import AdamHDRule, SGDHDRule
+from metaopt.rules.pertensor import PerTensorRule
 
 __all__ = ["RULES", "Rule", "make_rule", "register_rule", "SGD", "Adam", "LayerwiseLR",
-           "PerParameterLR", "MLPRule", "LookaheadRule", "SGDHDRule", "AdamHDRule"]
+           "PerParameterLR", "MLPRule", "LookaheadRule", "SGDHDRule", "AdamHDRule", "PerTensorRule"]

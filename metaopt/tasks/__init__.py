@@ -15,6 +15,10 @@ from metaopt.tasks.data import (CharVocab, load_sklearn, load_text, make_dataset
 from metaopt.tasks.logistic import LogisticFamily, LogisticTask
 from metaopt.tasks.mlp import DigitsMLPFamily, MLPModule, MLPTask, SupervisedTask
 from metaopt.tasks.quadratic import QuadraticFamily, QuadraticTask
+from metaopt.tasks.autoencoder import AutoencoderTask, DigitsAEFamily
+from metaopt.tasks.rnn import GRULMTask
+from metaopt.tasks.mixture import MixtureFamily, ReparamTask
+from metaopt.tasks.suite import HELDOUT, SuiteFamily
 
 FAMILIES: Dict[str, Type[TaskFamily]] = {
     "quadratic": QuadraticFamily,
@@ -22,6 +26,9 @@ FAMILIES: Dict[str, Type[TaskFamily]] = {
     "digits_mlp": DigitsMLPFamily,
     "digits_conv": DigitsConvFamily,
     "char_lm": CharLMFamily,
+    "digits_ae": DigitsAEFamily,
+    "mixture": MixtureFamily,
+    "suite": SuiteFamily,
 }
 
 
@@ -58,4 +65,6 @@ __all__ = [
     "QuadraticTask", "QuadraticFamily", "LogisticTask", "LogisticFamily", "SupervisedTask",
     "MLPModule", "MLPTask", "DigitsMLPFamily", "ConvModule", "ConvTask", "DigitsConvFamily",
     "CharLMModule", "CharLMTask", "CharLMFamily", "FAMILIES", "family_options", "make_family",
+    "AutoencoderTask", "DigitsAEFamily", "GRULMTask", "MixtureFamily", "ReparamTask", "HELDOUT",
+    "SuiteFamily",
 ]

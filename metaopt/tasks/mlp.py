@@ -150,16 +150,26 @@ def data_dtype(data: ArrayDataset, dtype) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.float32
 
 
+NORMS = ("none", "layer", "batch")
+
+
 class MLPModule(SupervisedModule):
-    """``Linear -> act -> ... -> Linear``; inputs are flattened from dim 1 on. ``hidden=()`` is a
-    linear model (logistic/softmax regression with ``ce``/``bce``)."""
+    """``Linear -> [norm] -> act -> ... -> Linear``; inputs are flattened from dim 1 on.
+    ``hidden=()`` is a linear model (logistic/softmax regression with ``ce``/``bce``).
+    ``norm``: ``layer`` (LayerNorm, vmappable) or ``batch`` (BatchNorm1d, batch statistics in
+    training mode; running statistics are buffers, so use it with plain autograd, not vmap)."""
 
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "relu",
-                 loss: str = "ce", l2: float = 0.0):
+                 loss: str = "ce", l2: float = 0.0, norm: str = "none"):
         super().__init__(loss, l2)
+        if norm not in NORMS:
+            raise ValueError(f"Invalid norm: {norm!r} (use one of {', '.join(NORMS)})")
         self.activation = check_activation(activation)
+        self.norm = norm
         dims = [int(in_dim), *(int(h) for h in hidden), int(out_dim)]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        norm_cls = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}.get(norm)
+        self.norms = nn.ModuleList(norm_cls(int(h)) for h in hidden) if norm_cls else None
 
     def outputs(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
@@ -167,6 +177,8 @@ class MLPModule(SupervisedModule):
         for i, layer in enumerate(self.layers):
             h = layer(h)
             if i < len(self.layers) - 1:
+                if self.norms is not None:
+                    h = self.norms[i](h)
                 h = act(h)
         return h
 
@@ -182,7 +194,7 @@ class MLPTask(SupervisedTask):
     def __init__(self, data: ArrayDataset, hidden: Sequence[int] = (64,), activation: str = "relu",
                  batch_size: int = 64, init_scale: float = 1.0, loss: Optional[str] = None,
                  num_outputs: Optional[int] = None, l2: float = 0.0, name: str = "mlp",
-                 dtype=None):
+                 dtype=None, norm: str = "none"):
         if int(batch_size) < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}")
         hidden = tuple(int(h) for h in hidden)
@@ -190,8 +202,8 @@ class MLPTask(SupervisedTask):
             raise ValueError(f"Invalid hidden widths: {hidden}")
         loss, out_dim = infer_loss_and_outputs(data, loss, num_outputs)
         in_dim = int(data.x["train"][0].numel())
-        module = MLPModule(in_dim, hidden, out_dim, activation, loss, l2).to(data_dtype(data, dtype))
-        structure = ("mlp", in_dim, hidden, out_dim, activation, loss, float(l2), int(batch_size))
+        module = MLPModule(in_dim, hidden, out_dim, activation, loss, l2, norm).to(data_dtype(data, dtype))
+        structure = ("mlp", in_dim, hidden, out_dim, activation, loss, float(l2), int(batch_size), norm)
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
                          structure=structure)
 
@@ -210,7 +222,11 @@ class DigitsMLPFamily(TaskFamily):
 
     def __init__(self, widths=(16, 32, 64, 128), depths=(1, 2, 3),
                  activations=("relu", "tanh", "gelu"), init_scale=(0.5, 2.0),
-                 batch_sizes=(32, 64, 128), split_seed: int = 0, dtype=torch.float32):
+                 batch_sizes=(32, 64, 128), split_seed: int = 0, dtype=torch.float32,
+                 norms=("none",)):
+        self.norms = tuple(as_choices(norms, "norms", str))
+        if any(n not in NORMS for n in self.norms):
+            raise ValueError(f"Invalid norms: {list(norms)!r} (use values from {', '.join(NORMS)})")
         self.widths = as_choices(widths, "widths")
         self.depths = as_choices(depths, "depths")
         self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
@@ -235,11 +251,13 @@ class DigitsMLPFamily(TaskFamily):
         activation = choice(generator, self.activations)
         batch_size = choice(generator, self.batch_sizes)
         init_scale = log_uniform(generator, *self.init_scale)
+        # drawn last, so families without the option sample exactly what they sampled before
+        norm = choice(generator, self.norms) if len(self.norms) > 1 else self.norms[0]
         return MLPTask(self.data, hidden=(width,) * depth, activation=activation,
                        batch_size=batch_size, init_scale=init_scale, loss="ce", num_outputs=10,
-                       name=self.name, dtype=self.dtype)
+                       name=self.name, dtype=self.dtype, norm=norm)
 
     def config(self) -> Dict[str, Any]:
         return {k: jsonable(getattr(self, k)) for k in
                 ("widths", "depths", "activations", "init_scale", "batch_sizes", "split_seed",
-                 "dtype")}
+                 "dtype", "norms")}

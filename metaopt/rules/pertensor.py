@@ -1,0 +1,214 @@
+"""``pertensor``: a learned optimizer that is cheap and generalizes -- the shipped default.
+
+What it computes, per parameter tensor ``i`` at step ``t`` (all tensors at once):
+
+    m <- b1 m + (1-b1) g,   v <- b2 v + (1-b2) g^2              (Adam's moments, per coordinate)
+    den = sqrt(v / (1-b2^t)) + eps
+    d   = (m / (1-b1^t)) / den  +  c_i * g / den                (Adam direction + learned Nesterov-like
+                                                                  share of the fresh gradient)
+    p  <- p - lr_i * d
+    lr_i = exp(log_lr_k + a_i) * scale_i                         k = matrix | vector
+    scale_i = RMS(p_i) + exp(log_floor_k) / sqrt(fan_in_i)       (relative to the weight's size)
+
+``(a_i, c_i) = tanh-bounded outputs of a small MLP`` (hidden 32) applied to each tensor's feature
+vector -- the *per-tensor controller*. Its inputs are all scale-free, so the same theta serves any
+width, init scale or loss scale:
+
+* ``cos(m_{t-1}, g_t)`` -- alignment of the new gradient with the momentum (the hypergradient
+  signal: positive means steps are too short, negative means oscillation);
+* ``log(mean m^2 / mean v)`` -- signal-to-noise of the gradient (momentum energy vs second moment);
+* ``log(mean g^2 / mean v)`` -- is this gradient unusually large for this tensor (a spike)?
+* ``log(RMS(p) * sqrt(fan_in))`` -- the weight's size relative to a unit-variance init (growth);
+* a vector-parameter flag (biases and norm gains take a separate path: ``log_lr_vector``);
+* time features ``tanh(t / tau)`` (tau = 10 .. 10^4) and ``log(1 + t) / 10``: a learned schedule
+  (warm-up, decay) that never needs the total number of steps.
+
+Why this design (the measurements are in the README's "learned optimizer" section):
+
+* **Per-tensor, not per-coordinate, network.** A per-coordinate MLP of hidden size h costs
+  ~4h FLOPs and >= h passes over memory per parameter; our old ``mlp`` rule measured 42x
+  ``torch.optim.Adam(foreach=True).step`` (h = 32) and 28x (h = 8). The controller here costs
+  O(number of tensors); the per-coordinate work is Adam's plus five per-tensor reductions and one
+  extra ``addcdiv``, about 2x Adam's memory traffic.
+* **Strong hand-designed direction.** Adam's direction is already scale-invariant per coordinate;
+  the controller only has to learn *how far* to go per tensor and per phase of training, which is
+  where tuned Adam loses (one global, constant learning rate).
+* **Relative step size.** ``scale_i`` makes the step proportional to the weight's RMS (VeLO,
+  LARS, Adafactor), so a random per-tensor reparameterization ``w = s * w'`` (the Celo task
+  augmentation used in meta-training) leaves the trajectory of ``w`` unchanged for matrices; the
+  floor handles zero-initialized weights.
+* **Bounded outputs.** ``a_i`` is ``3 tanh``-bounded (a factor of e^3 either way) and ``c_i`` is
+  ``tanh``-bounded, so no theta can produce an unbounded step; with the output layer zero at init
+  the fresh rule is exactly Adam with relative learning rates -- a sane optimizer before any
+  meta-training.
+
+State: ``step`` (scalar), ``m`` and ``v`` ([N] over the flat view, like the ``adam`` rule).
+``step_`` is the in-place fast path used by :class:`metaopt.optim.LearnedOptimizer`; it works on
+per-tensor views and never concatenates the parameters.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from metaopt.rules.base import Rule, default_scales, flat_views, register_rule
+from metaopt.types import FlatSpec, safe_sqrt
+
+TINY = 1e-30
+
+
+def _fan_in(shape: Tuple[int, ...]) -> int:
+    if len(shape) <= 1:
+        return 1
+    return max(1, math.prod(shape) // shape[0])
+
+
+def _is_vector(shape: Tuple[int, ...]) -> bool:
+    return sum(1 for d in shape if d > 1) <= 1
+
+
+@register_rule
+class PerTensorRule(Rule):
+    name = "pertensor"
+
+    def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
+                 floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 3.0):
+        for k, v in dict(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
+                         floor=floor, max_log_mult=max_log_mult).items():
+            if not v > 0:
+                raise ValueError(f"Invalid {k}: {v}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1}")
+        if not 0.0 < beta2 < 1.0:
+            raise ValueError(f"Invalid beta2: {beta2}")
+        if not eps > 0:
+            raise ValueError(f"Invalid eps: {eps}")
+        self.hidden_size = int(hidden_size)
+        self.lr_matrix, self.lr_vector, self.floor = float(lr_matrix), float(lr_vector), float(floor)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.time_taus = tuple(float(t) for t in time_taus)
+        self.max_log_mult = float(max_log_mult)
+
+    def config(self):
+        return dict(hidden_size=self.hidden_size, lr_matrix=self.lr_matrix,
+                    lr_vector=self.lr_vector, floor=self.floor, beta1=self.beta1,
+                    beta2=self.beta2, eps=self.eps, time_taus=list(self.time_taus),
+                    max_log_mult=self.max_log_mult)
+
+    @property
+    def num_inputs(self) -> int:
+        return 5 + len(self.time_taus) + 1
+
+    def init_theta(self, spec=None, generator=None):
+        F, H = self.num_inputs, self.hidden_size
+        return {
+            "w0": torch.randn(F, H, generator=generator) / math.sqrt(F),
+            "b0": torch.zeros(H),
+            "w1": torch.zeros(H, 2),   # zero output layer: the fresh rule is relative-lr Adam
+            "b1": torch.zeros(2),
+            "log_lr_matrix": torch.tensor(math.log(self.lr_matrix)),
+            "log_lr_vector": torch.tensor(math.log(self.lr_vector)),
+            "log_floor": torch.tensor(math.log(self.floor)),
+        }
+
+    def init(self, params):
+        p = FlatSpec.of(params).flatten(params)
+        return {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+
+    # -- the per-tensor controller (shared by ``update`` and ``step_``) -------------------------
+    def _static(self, spec: FlatSpec, dtype, device):
+        """Per-tensor constants: vector flag [T], 1/sqrt(fan_in) [T], sqrt(fan_in) [T]."""
+        is_vec = torch.tensor([float(_is_vector(s)) for s in spec.shapes], dtype=dtype, device=device)
+        fan = torch.tensor([float(_fan_in(s)) for s in spec.shapes], dtype=dtype, device=device)
+        return is_vec, fan.rsqrt(), fan.sqrt()
+
+    def controller(self, theta, spec: FlatSpec, stats: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        """``stats`` [T, 6] per tensor: <m_prev, g>, |m_prev|^2, |g|^2, sum v (new), |p|^2, numel.
+        ``step`` = t (>= 1). Returns the learning rate [T] and the gradient share c [T]."""
+        dtype, device = stats.dtype, stats.device
+        is_vec, inv_sqrt_fan, sqrt_fan = self._static(spec, dtype, device)
+        dot, mm, gg, vsum, pp, n = stats.unbind(-1)
+        b1, b2 = self.beta1, self.beta2
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        m_new_sq = b1 * b1 * mm + 2 * b1 * (1 - b1) * dot + (1 - b1) ** 2 * gg
+        v_mean = vsum / bc2 / n + TINY
+        cos = dot * torch.rsqrt(mm * gg + TINY)
+        snr = torch.log(m_new_sq / (bc1 * bc1) / n / v_mean + 1e-8)
+        spike = torch.log(gg / n / v_mean + 1e-8)
+        p_rms = torch.sqrt(pp / n)
+        size = torch.log(p_rms * sqrt_fan + 1e-3)
+        tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
+        glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
+        x = torch.cat([torch.stack([cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5,
+                                    size.clamp(-10, 5) / 5, is_vec], -1),
+                       glob.expand(cos.shape[0], glob.shape[0])], -1)
+        th = {k: v.to(dtype) for k, v in theta.items()}
+        h = torch.relu(x @ th["w0"] + th["b0"])
+        out = h @ th["w1"] + th["b1"]
+        a = self.max_log_mult * torch.tanh(out[:, 0] / self.max_log_mult)
+        c = torch.tanh(out[:, 1])
+        log_base = torch.where(is_vec > 0, th["log_lr_vector"], th["log_lr_matrix"])
+        scale = torch.where(is_vec > 0, torch.ones_like(p_rms),
+                            p_rms + torch.exp(th["log_floor"]) * inv_sqrt_fan)
+        return torch.exp(log_base + a) * scale, c
+
+    # -- reference (differentiable, vmappable) path ------------------------------------------------
+    def update(self, theta, grads, state, params, ctx=None):
+        spec = FlatSpec.of(params)
+        g, p = spec.flatten(grads), spec.flatten(params)
+        T = spec.num_tensors
+        seg = spec.segment_ids(g.device)
+        m_prev, v_prev = state["m"], state["v"]
+        step = state["step"] + 1
+        t = step.to(g.dtype)
+        m = self.beta1 * m_prev + (1 - self.beta1) * g
+        v = self.beta2 * v_prev + (1 - self.beta2) * g * g
+
+        def seg_sum(x):
+            return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype, device=x.device).index_add(-1, seg, x)
+
+        n = torch.tensor(spec.numels, dtype=g.dtype, device=g.device)
+        stats = torch.stack([seg_sum(m_prev * g), seg_sum(m_prev * m_prev), seg_sum(g * g),
+                             seg_sum(v), seg_sum(p * p), n], -1)
+        lr, c = self.controller(theta, spec, stats, t)
+        den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
+        d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
+        return spec.unflatten(-lr[seg] * d), {"step": step, "m": m, "v": v}
+
+    # -- in-place fast path --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        params, grads = list(params), list(grads)
+        m_all, v_all = state["m"], state["v"]
+        dtype = v_all.dtype
+        m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
+        step = state["step"] + 1
+        t = float(step)
+        # per-tensor reductions before the moments move (<m_prev, g>, |m_prev|^2)
+        rows: List[Tensor] = []
+        for mv, gv, pv in zip(m_views, grads, params):
+            mf, gf = mv.reshape(-1), gv.reshape(-1)
+            rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf),
+                                     torch.dot(pv.reshape(-1), pv.reshape(-1))]))
+        torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
+        torch._foreach_mul_(v_views, self.beta2)
+        torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
+        vsum = torch.stack([vv.sum() for vv in v_views])
+        r = torch.stack(rows)
+        n = torch.tensor(spec.numels, dtype=dtype, device=v_all.device)
+        stats = torch.stack([r[:, 0], r[:, 1], r[:, 2], vsum, r[:, 3], n], -1)
+        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=dtype, device=v_all.device))
+        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
+        den = v_all.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
+        den_views = flat_views(den, spec)
+        lr_l, c_l = lr.tolist(), c.tolist()
+        torch._foreach_addcdiv_(params, m_views, den_views,
+                                [-l / bc1 * s for l, s in zip(lr_l, scales)])
+        torch._foreach_addcdiv_(params, grads, den_views,
+                                [-l * cc * s for l, cc, s in zip(lr_l, c_l, scales)])
+        return {"step": step, "m": m_all, "v": v_all}
