@@ -7,9 +7,12 @@ every run), and writes
 
 * ``report.csv`` -- one row per run: overrides, scheme, final meta-loss, wall time, inner steps,
   held-out validation loss of the learned rule (mean over tasks) and of Adam(1e-3) on the same tasks;
-* ``meta_loss_vs_time.png``, ``meta_loss_vs_inner_steps.png``, ``heldout.png``;
+* ``meta_loss_vs_time.png``, ``meta_loss_vs_inner_steps.png`` (meta-loss curves, final meta-loss
+  per run, held-out losses: :func:`metaopt.viz.plot_sweep`), ``heldout.png``;
 
-and prints the table as markdown.
+and prints the table as markdown. For an eval sweep it writes the merged ``report.csv``,
+``curves.csv`` and ``curves.png`` (validation loss vs step per family, mean and min..max over
+tasks).
 """
 from __future__ import annotations
 
@@ -23,18 +26,7 @@ from typing import Dict, List
 import yaml
 
 
-def find_runs(sweep_dir: Path) -> List[Path]:
-    return sorted(p.parent for p in sweep_dir.rglob("metrics.csv"))
-
-
-def _label(run: Path) -> str:
-    ov = run / ".hydra" / "overrides.yaml"
-    if ov.exists():
-        items = yaml.safe_load(ov.read_text()) or []
-        items = [o for o in items if not o.startswith("hydra.")]
-        if items:
-            return ",".join(items)
-    return run.name
+from metaopt.viz.sweep import find_runs, run_overrides, short_labels
 
 
 def evaluate_run(run: Path, steps: int, tasks: int, seed: int) -> Dict[str, float]:
@@ -72,14 +64,16 @@ def make_report(sweep_dir: Path, eval_steps: int = 200, eval_tasks: int = 3,
     runs = find_runs(sweep_dir)
     if not runs:
         raise ValueError(f"sweep_dir: no runs (no metrics.csv) under {sweep_dir}")
-    rows, curves = [], {}
-    for run in runs:
+    # label runs by what differs between them (overrides shared by every run say nothing)
+    labels = short_labels([run_overrides(r) for r in runs], [r.name for r in runs])
+    rows = []
+    for run, label in zip(runs, labels):
         m = read_metrics(run)
         finite = [r["meta_loss"] for r in m if math.isfinite(r["meta_loss"])]
         tail = finite[-max(1, len(finite) // 10):] if finite else [math.nan]
         cfg_path = run / "checkpoints" / "last" / "config.yaml"
         scheme = yaml.safe_load(cfg_path.read_text())["scheme"]["name"] if cfg_path.exists() else "?"
-        row = {"run": _label(run), "scheme": scheme, "outer_steps": int(m[-1]["outer_step"]) if m else 0,
+        row = {"run": label, "scheme": scheme, "outer_steps": int(m[-1]["outer_step"]) if m else 0,
                "final_meta_loss": sum(tail) / len(tail),
                "wall_time_s": m[-1]["wall_time"] if m else math.nan,
                "inner_steps": int(m[-1]["inner_steps"]) if m else 0,
@@ -87,49 +81,25 @@ def make_report(sweep_dir: Path, eval_steps: int = 200, eval_tasks: int = 3,
         if cfg_path.exists() and eval_steps > 0:
             row.update(evaluate_run(run, eval_steps, eval_tasks, seed))
         rows.append(row)
-        curves[row["run"]] = m
-    # label runs by what differs between them (overrides shared by every run say nothing)
-    parts = [r["run"].split(",") for r in rows]
-    common = set.intersection(*map(set, parts)) if len(rows) > 1 else set()
-    for r, p in zip(rows, parts):
-        short = ",".join(x for x in p if x not in common) or r["run"]
-        curves[short] = curves.pop(r["run"])
-        r["run"] = short
     with open(sweep_dir / "report.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    _figures(sweep_dir, rows, curves)
+    _figures(sweep_dir, rows)
     return rows
 
 
-def _figures(out: Path, rows, curves) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    for x, name in (("wall_time", "meta_loss_vs_time.png"), ("inner_steps", "meta_loss_vs_inner_steps.png")):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for label, m in curves.items():
-            ax.plot([r[x] for r in m], [r["meta_loss"] for r in m], label=label)
-        ax.set_xlabel("wall time (s)" if x == "wall_time" else "inner steps consumed (all slots)")
-        ax.set_ylabel("meta-loss")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-    if any("heldout_learned" in r for r in rows):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        labels = [r["run"] for r in rows]
-        ax.bar(range(len(rows)), [r.get("heldout_learned", math.nan) for r in rows], label="learned rule")
-        ax.plot(range(len(rows)), [r.get("heldout_adam_1e-3", math.nan) for r in rows], "k_", ms=30,
-                label="Adam(1e-3), same tasks")
-        ax.set_xticks(range(len(rows)), labels, rotation=20, fontsize=7, ha="right")
-        ax.set_ylabel("held-out validation loss")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "heldout.png", dpi=110)
-        plt.close(fig)
+def _figures(out: Path, rows) -> None:
+    """The sweep's figures, as PNG next to report.csv."""
+    from metaopt.viz import load_sweep, plot_heldout, plot_sweep
+    runs = load_sweep(out)
+    heldout = {r["run"]: (r["heldout_learned"], r.get("heldout_adam_1e-3", math.nan))
+               for r in rows if "heldout_learned" in r}
+    plot_sweep(runs, out / "meta_loss_vs_time.png", x="wall_time", heldout=heldout)
+    plot_sweep(runs, out / "meta_loss_vs_inner_steps.png", x="inner_steps", heldout=heldout)
+    if heldout:
+        plot_heldout(heldout, out / "heldout.png")
 
 
 def to_markdown(rows: List[Dict]) -> str:
@@ -158,6 +128,22 @@ def eval_sweep_table(sweep_dir: Path) -> str:
     if not rows:
         raise ValueError(f"sweep_dir: no runs (no metrics.csv or results.csv) under {sweep_dir}")
     _write_csv(sweep_dir / "report.csv", rows)
+    curves = []
+    for path in sorted(sweep_dir.rglob("curves.csv")):
+        if path.parent == sweep_dir:
+            continue
+        with open(path, newline="") as f:
+            curves += list(csv.DictReader(f))
+    if curves:  # each job's curves; rows shared by jobs (same family, seed, optimizer) once
+        seen, merged = set(), []
+        for r in curves:
+            key = (r["family"], r["task_seed"], r["optimizer"], r["step"])
+            if key not in seen:
+                seen.add(key)
+                merged.append(r)
+        _write_csv(sweep_dir / "curves.csv", merged)
+        from metaopt.viz import plot_eval_curves
+        plot_eval_curves(merged, sweep_dir / "curves.png")
     return summarize(rows)
 
 

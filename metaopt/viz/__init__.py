@@ -2,7 +2,7 @@
 sizes and update distributions recorded from any ``torch.optim`` optimizer, a rule's response
 surface, loss curves over seeds, speedups, sweep comparisons. Importing this package chooses no
 matplotlib backend."""
-from metaopt.viz.plots import (curves_from_rows, iqm, plot_effective_step_sizes, plot_eval_curves,
+from metaopt.viz.plots import (curves_from_rows, iqm, plot_effective_step_sizes, plot_eval_curves, plot_heldout,
                                plot_loss_curves, plot_lr_schedule, plot_meta_training,
                                plot_response_surface, plot_speedups, plot_sweep,
                                plot_update_distributions, read_heldout)
@@ -10,7 +10,7 @@ from metaopt.viz.probe import ResponseSurface, response_surface
 from metaopt.viz.record import StepLog, StepRecorder
 from metaopt.viz.sweep import SweepRun, load_sweep
 
-__all__ = ["curves_from_rows", "iqm", "plot_effective_step_sizes", "plot_eval_curves",
+__all__ = ["curves_from_rows", "iqm", "plot_effective_step_sizes", "plot_eval_curves", "plot_heldout",
            "plot_loss_curves", "plot_lr_schedule", "plot_meta_training", "plot_response_surface",
            "plot_speedups", "plot_sweep", "plot_update_distributions", "read_heldout",
            "ResponseSurface", "response_surface", "StepLog", "StepRecorder", "SweepRun", "load_sweep"]

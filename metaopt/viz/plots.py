@@ -309,17 +309,28 @@ def plot_sweep(sweep: Union[PathLike, Sequence[SweepRun]], path: Optional[PathLi
     axes[1].set_ylabel("final meta-loss (last 10%)")
     axes[1].set_xlabel("run")
     if heldout:
-        labels = [r.label for r in runs if r.label in heldout]
-        p = np.arange(len(labels))
-        axes[2].bar(p, [heldout[k][0] for k in labels], label="learned rule")
-        axes[2].plot(p, [heldout[k][1] for k in labels], "k_", ms=25, mew=2, label="Adam(1e-3), same tasks")
-        axes[2].set_xticks(p, labels, rotation=20, fontsize=7, ha="right")
-        axes[2].set_ylabel("held-out validation loss")
-        axes[2].set_xlabel("run")
-        axes[2].legend(fontsize=7)
+        plot_heldout({r.label: heldout[r.label] for r in runs if r.label in heldout}, ax=axes[2])
     if title:
         fig.suptitle(title)
     return _finish(fig, path)
+
+
+def plot_heldout(heldout: Mapping[str, Tuple[float, float]], path: Optional[PathLike] = None, ax=None):
+    """Run label -> (learned rule, Adam(1e-3)) held-out validation loss: a bar per run for the
+    learned rule, a black tick for Adam on the same tasks."""
+    if not heldout:
+        raise ValueError("heldout: empty")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4))
+    labels = list(heldout)
+    p = np.arange(len(labels))
+    ax.bar(p, [heldout[k][0] for k in labels], label="learned rule")
+    ax.plot(p, [heldout[k][1] for k in labels], "k_", ms=25, mew=2, label="Adam(1e-3), same tasks")
+    ax.set_xticks(p, labels, rotation=20, fontsize=7, ha="right")
+    ax.set_ylabel("held-out validation loss")
+    ax.set_xlabel("run")
+    ax.legend(fontsize=7)
+    return _finish(ax.figure, path)
 
 
 def read_heldout(report_csv: PathLike) -> Dict[str, Tuple[float, float]]:
