@@ -242,7 +242,6 @@ class ContinuousConf(SchemeConf):
     gradient: str = "adjoint"        # adjoint | backprop
     eta: float = 1.0                 # time of one inner step
     substeps: int = 1                # fixed-grid solver steps per inner step
-    eps: float = 1e-4                # timescale ratio of the outer flow
     rtol: float = 1e-6
     atol: float = 1e-8
     store_every: int = 1             # adjoint + valid_last: keep the solution every n steps
@@ -277,6 +276,24 @@ class EvalConf:
     dtype: str = "float32"
 
 
+def _heldout_problems():
+    from metaopt.tasks.suite import HELDOUT
+    return list(HELDOUT)
+
+
+@dataclass
+class SpeedupConf:
+    """``metaopt-eval --config-name=suite``: speedup over lr-tuned Adam on the held-out suite."""
+    steps: int = 1000                  # S: the optimizer's step budget
+    k: int = 4                         # Adam runs k * S steps (the envelope's horizon)
+    adam_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    problems: List[str] = field(default_factory=_heldout_problems)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    eval_every: int = 10
+    eval_examples: int = 1024
+    cache_dir: Optional[str] = "runs/adam_cache"   # Adam reference runs (JSON); null = no cache
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in [("digits_mlp", DigitsMLPConf), ("digits_conv", DigitsConvConf),
@@ -296,6 +313,7 @@ def register_configs() -> None:
     cs.store(group="scheme", name="pes", node=PESConf)
     cs.store(group="meta", name="default", node=TrainConfig)
     cs.store(group="eval", name="default", node=EvalConf)
+    cs.store(group="speedup", name="default", node=SpeedupConf)
 
 
 # -- builders -----------------------------------------------------------------------------------

@@ -151,10 +151,124 @@ def _write_csv(path: Path, rows: List[Dict]) -> None:
         w.writerows(rows)
 
 
+def run_speedup(cfg: DictConfig, out_dir: Path) -> float:
+    """The held-out suite (``metaopt-eval --config-name=suite``): speedup over lr-tuned Adam
+    (:mod:`metaopt.meta.speedup`) of the rule in ``checkpoint`` and of ``optimizer=...`` if
+    given. Writes speedup.csv, curves.csv, summary.md, speedup.png, curves.png; returns the
+    learned rule's IQM speedup."""
+    import torch
+    from metaopt.meta.speedup import evaluate_speedup, iqm
+    from metaopt.optim import LearnedOptimizer
+    from metaopt.tasks import make_family
+
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    sp = cfg.speedup
+    if sp.steps < 1 or sp.k < 1 or sp.eval_every < 1 or not sp.seeds or not sp.problems:
+        raise ValueError(f"speedup.steps, speedup.k, speedup.eval_every must be >= 1 and "
+                         f"speedup.seeds, speedup.problems non-empty")
+    optimizers = {}
+    if cfg.get("checkpoint"):
+        rule, theta, _ = _resolve_checkpoint(cfg.checkpoint)
+        path = cfg.checkpoint
+
+        def make_learned(named, _path=path):
+            return LearnedOptimizer.from_pretrained(named, _path)
+        optimizers["learned"] = make_learned
+    baseline_cfg = cfg.get("optimizer")
+    if baseline_cfg is not None:
+        from hydra.utils import instantiate
+        base_name = HydraConfig.get().runtime.choices.get("optimizer") or "optimizer"
+        optimizers[base_name] = lambda named, _c=baseline_cfg: instantiate(_c)([p for _, p in named])
+    if not optimizers:
+        raise ValueError("nothing to evaluate: set checkpoint=... or optimizer=...")
+    cache = Path(sp.cache_dir) if sp.cache_dir else None
+    rows, curve_rows = [], []
+    for problem in sp.problems:
+        try:
+            family = make_family("suite", problem=problem)
+        except ValueError as err:
+            raise ValueError(f"speedup.problems: {err}") from None
+        for seed in sp.seeds:
+            log.info("%s seed %d", problem, seed)
+            task = family.sample_seeded(seed)
+            r, curves = evaluate_speedup(task, problem, int(seed), optimizers, int(sp.steps),
+                                         int(sp.k), list(sp.adam_lrs), int(sp.eval_every),
+                                         int(sp.eval_examples), cache, log=log.info)
+            rows += [vars(x) for x in r]
+            for name, c in curves.items():
+                curve_rows += [dict(problem=problem, seed=seed, optimizer=name, step=st,
+                                    train_loss=v) for st, v in zip(c.steps, c.running_min())]
+    _write_csv(out_dir / "speedup.csv", rows)
+    _write_csv(out_dir / "curves.csv", curve_rows)
+    table = summarize_speedup(rows, int(sp.steps))
+    print(table)
+    (out_dir / "summary.md").write_text(table + "\n")
+    from metaopt.viz.plots import plot_speedups
+    plot_speedups([r for r in rows if r["optimizer"] != "adam(tuned)"], out_dir / "speedup.png",
+                  title=f"held-out suite, S = {sp.steps} steps")
+    _plot_suite_curves(curve_rows, int(sp.steps), out_dir / "curves.png")
+    vals = [r["speedup"] for r in rows if r["optimizer"] == next(iter(optimizers))]
+    return iqm(vals)
+
+
+def summarize_speedup(rows: List[Dict], S: int) -> str:
+    """Markdown: per problem the loss at S, speedup and validation loss of each optimizer next to
+    tuned Adam's; then per optimizer the IQM / median / min speedup, divergences and how often
+    its validation loss is no worse than tuned Adam's."""
+    from metaopt.meta.speedup import iqm
+    lines = [f"| problem | optimizer | train loss @{S} | speedup | valid @{S} | "
+             f"adam(tuned) valid @{S} (lr) | diverged |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['problem']} (seed {r['seed']}) | {r['optimizer']} | {r['loss_at_S']:.4g} | "
+                     f"{r['speedup']:.2f} | {r['valid_at_S']:.4g} | {r['adam_valid_at_S']:.4g} "
+                     f"({r['adam_lr_valid']:g}) | {'yes' if r['diverged'] else 'no'} |")
+    lines += ["", "| optimizer | tasks | IQM speedup | median | min | diverged | "
+                  "valid <= adam(tuned) |", "|---|---|---|---|---|---|---|"]
+    for opt in dict.fromkeys(r["optimizer"] for r in rows):
+        rs = [r for r in rows if r["optimizer"] == opt]
+        sp = sorted(r["speedup"] for r in rs)
+        med = sp[len(sp) // 2] if len(sp) % 2 else 0.5 * (sp[len(sp) // 2 - 1] + sp[len(sp) // 2])
+        ok = sum(r["valid_at_S"] <= r["adam_valid_at_S"] for r in rs)
+        lines.append(f"| {opt} | {len(rs)} | {iqm(sp):.3f} | {med:.3f} | {sp[0]:.3f} | "
+                     f"{sum(bool(r['diverged']) for r in rs)} | {ok}/{len(rs)} |")
+    return "\n".join(lines)
+
+
+def _plot_suite_curves(curve_rows: List[Dict], S: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from metaopt.viz.plots import plot_loss_curves
+    keys = list(dict.fromkeys((r["problem"], r["seed"]) for r in curve_rows))
+    cols = 4
+    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols,
+                             figsize=(3.2 * cols, 2.6 * ((len(keys) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, (prob, seed) in zip(axes.flat, keys):
+        sel = [r for r in curve_rows if r["problem"] == prob and r["seed"] == seed]
+        curves, steps = {}, None
+        for opt in dict.fromkeys(r["optimizer"] for r in sel):
+            pts = [(r["step"], r["train_loss"]) for r in sel if r["optimizer"] == opt and r["step"] <= S]
+            st = [p[0] for p in pts]
+            steps = st if steps is None or len(st) < len(steps) else steps
+            curves[opt] = [p[1] for p in pts]
+        n = len(steps)
+        plot_loss_curves({k: np.array(v[:n], dtype=float) for k, v in curves.items()}, steps,
+                         ax=ax, ylabel="train loss (running min)", title=f"{prob}")
+        ax.title.set_fontsize(8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 @hydra.main(config_path=config_dir(), config_name="eval", version_base=None)
 @one_line_errors
 def main(cfg: DictConfig) -> float:
-    return run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("speedup") is not None:
+        return run_speedup(cfg, out)
+    return run_eval(cfg, out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ width, init scale or loss scale:
   signal: positive means steps are too short, negative means oscillation);
 * ``log(mean m^2 / mean v)`` -- signal-to-noise of the gradient (momentum energy vs second moment);
 * ``log(mean g^2 / mean v)`` -- is this gradient unusually large for this tensor (a spike)?
-* ``log(RMS(p) * sqrt(fan_in))`` -- the weight's size relative to a unit-variance init (growth);
 * a vector-parameter flag (biases and norm gains take a separate path: ``log_lr_vector``);
 * time features ``tanh(t / tau)`` (tau = 10 .. 10^4) and ``log(1 + t) / 10``: a learned schedule
   (warm-up, decay) that never needs the total number of steps.
@@ -101,7 +100,7 @@ class PerTensorRule(Rule):
 
     @property
     def num_inputs(self) -> int:
-        return 5 + len(self.time_taus) + 1
+        return 4 + len(self.time_taus) + 1
 
     def init_theta(self, spec=None, generator=None):
         F, H = self.num_inputs, self.hidden_size
@@ -121,16 +120,16 @@ class PerTensorRule(Rule):
 
     # -- the per-tensor controller (shared by ``update`` and ``step_``) -------------------------
     def _static(self, spec: FlatSpec, dtype, device):
-        """Per-tensor constants: vector flag [T], 1/sqrt(fan_in) [T], sqrt(fan_in) [T]."""
+        """Per-tensor constants: vector flag [T], 1/sqrt(fan_in) [T]."""
         is_vec = torch.tensor([float(_is_vector(s)) for s in spec.shapes], dtype=dtype, device=device)
         fan = torch.tensor([float(_fan_in(s)) for s in spec.shapes], dtype=dtype, device=device)
-        return is_vec, fan.rsqrt(), fan.sqrt()
+        return is_vec, fan.rsqrt()
 
     def controller(self, theta, spec: FlatSpec, stats: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
         """``stats`` [T, 6] per tensor: <m_prev, g>, |m_prev|^2, |g|^2, sum v (new), |p|^2, numel.
         ``step`` = t (>= 1). Returns the learning rate [T] and the gradient share c [T]."""
         dtype, device = stats.dtype, stats.device
-        is_vec, inv_sqrt_fan, sqrt_fan = self._static(spec, dtype, device)
+        is_vec, inv_sqrt_fan = self._static(spec, dtype, device)
         dot, mm, gg, vsum, pp, n = stats.unbind(-1)
         b1, b2 = self.beta1, self.beta2
         bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
@@ -140,11 +139,11 @@ class PerTensorRule(Rule):
         snr = torch.log(m_new_sq / (bc1 * bc1) / n / v_mean + 1e-8)
         spike = torch.log(gg / n / v_mean + 1e-8)
         p_rms = torch.sqrt(pp / n)
-        size = torch.log(p_rms * sqrt_fan + 1e-3)
         tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
         glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
+        # every input is invariant to rescaling a tensor's weights (and its gradients)
         x = torch.cat([torch.stack([cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5,
-                                    size.clamp(-10, 5) / 5, is_vec], -1),
+                                    is_vec], -1),
                        glob.expand(cos.shape[0], glob.shape[0])], -1)
         th = {k: v.to(dtype) for k, v in theta.items()}
         h = torch.relu(x @ th["w0"] + th["b0"])

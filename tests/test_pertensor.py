@@ -1,0 +1,155 @@
+"""The ``pertensor`` rule (the shipped default's rule): meta-gradient vs finite differences,
+fast path vs reference path, invariances the design relies on, and task augmentation."""
+import copy
+import math
+
+import pytest
+import torch
+from torch.func import grad
+
+from metaopt.rules import make_rule
+from metaopt.tasks import make_family
+from metaopt.tasks.mixture import ReparamTask
+from metaopt.types import FlatSpec
+from tests.helpers import TinyFamily
+
+
+def _theta(rule, spec, seed=1, dtype=torch.float64, out_scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    th = {k: v.to(dtype) for k, v in rule.init_theta(spec, g).items()}
+    # a non-trivial controller (the fresh rule's output layer is zero)
+    th["w1"] = out_scale * torch.randn(th["w1"].shape, generator=g, dtype=dtype)
+    th["b1"] = out_scale * torch.randn(th["b1"].shape, generator=g, dtype=dtype)
+    return th
+
+
+def _unroll_loss(rule, task, theta, steps=6, seed=0):
+    """Mean log training loss after each of ``steps`` inner updates (train_log_mean)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = task.init_params(gen)
+    state = rule.init(params)
+    batches = [task.sample_batch("train", gen) for _ in range(steps)]
+    total = 0.0
+    for b in batches:
+        g = grad(lambda p: task.loss(p, b))(params)
+        upd, state = rule.update(theta, g, state, params)
+        params = {k: params[k] + upd[k] for k in params}
+        total = total + torch.log(task.loss(params, b))
+    return total / steps
+
+
+def test_meta_gradient_matches_central_finite_differences():
+    rule = make_rule("pertensor", hidden_size=8, lr_matrix=0.05, lr_vector=0.02)
+    task = TinyFamily().sample_seeded(3)
+    spec = FlatSpec.from_shapes(task.param_shapes())
+    theta = {k: v.requires_grad_(True) for k, v in _theta(rule, spec).items()}
+    loss = _unroll_loss(rule, task, theta)
+    grads = torch.autograd.grad(loss, list(theta.values()))
+    gen = torch.Generator().manual_seed(5)
+    eps = 1e-6
+    for (k, v), g in zip(theta.items(), grads):
+        assert torch.isfinite(g).all(), k
+        d = torch.randn(v.shape, generator=gen, dtype=v.dtype)  # a random direction per tensor
+        plus = {kk: (vv + eps * d if kk == k else vv).detach() for kk, vv in theta.items()}
+        minus = {kk: (vv - eps * d if kk == k else vv).detach() for kk, vv in theta.items()}
+        fd = (_unroll_loss(rule, task, plus) - _unroll_loss(rule, task, minus)) / (2 * eps)
+        an = (g * d).sum()
+        assert abs(float(an) - float(fd)) <= 1e-6 + 1e-5 * abs(float(fd)), (k, float(an), float(fd))
+    assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_equals_reference(dtype):
+    rule = make_rule("pertensor")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"c.weight": (4, 2, 3, 3), "a.weight": (7, 5), "a.bias": (7,), "n.weight": (7,),
+              "b.weight": (3, 7)}
+    params = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()}
+    spec = FlatSpec.of(params)
+    theta = _theta(rule, spec, dtype=dtype)
+    st_ref, st_fast = rule.init(params), rule.init(params)
+    p_ref, p_fast = dict(params), {k: v.clone() for k, v in params.items()}
+    scales = [1.0, 0.5, 2.0, 1.0, 1.0]
+    for _ in range(7):
+        grads = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()}
+        upd, st_ref = rule.update(theta, grads, st_ref, p_ref)
+        p_ref = {k: p_ref[k] + s * upd[k] for k, s in zip(spec.names, scales)}
+        st_fast = rule.step_(theta, [p_fast[k] for k in spec.names], [grads[k] for k in spec.names],
+                             st_fast, spec, scales=scales)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for k in shapes:
+        torch.testing.assert_close(p_fast[k], p_ref[k], rtol=tol, atol=tol)
+    for k in ("m", "v", "step"):
+        torch.testing.assert_close(st_fast[k], st_ref[k], rtol=tol, atol=tol)
+
+
+def test_matrix_updates_are_invariant_to_weight_reparameterization():
+    """w = s w': the rule's step on w' maps to the same step on w for matrices (relative step
+    size + Adam direction), up to the floor term, which we switch off here."""
+    rule = make_rule("pertensor", floor=1e-30, eps=1e-30)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    theta = _theta(rule, FlatSpec.of({"w": w}))
+    s = 7.3
+    p1, p2 = {"w": w.clone()}, {"w": w / s}
+    st1, st2 = rule.init(p1), rule.init(p2)
+    for _ in range(5):
+        gw = torch.randn(6, 5, generator=g, dtype=torch.float64)
+        u1, st1 = rule.update(theta, {"w": gw}, st1, p1)
+        u2, st2 = rule.update(theta, {"w": s * gw}, st2, p2)   # dL/dw' = s dL/dw
+        p1 = {"w": p1["w"] + u1["w"]}
+        p2 = {"w": p2["w"] + u2["w"]}
+    torch.testing.assert_close(s * p2["w"], p1["w"], rtol=1e-9, atol=1e-12)
+
+
+def test_fresh_rule_is_bounded_and_lowers_a_quadratic():
+    """Defaults never diverge on a textbook problem: an ill-conditioned quadratic."""
+    rule = make_rule("pertensor")
+    task = make_family("quadratic", dim=10, cond=100.0, noise=0.0).sample_seeded(0)
+    gen = torch.Generator().manual_seed(0)
+    params = task.init_params(gen)
+    theta = rule.init_theta(FlatSpec.of(params), gen)
+    state = rule.init(params)
+    first = float(task.loss(params, task.sample_batch("train", gen)))
+    for _ in range(300):
+        b = task.sample_batch("train", gen)
+        g = grad(lambda p: task.loss(p, b))(params)
+        upd, state = rule.update(theta, g, state, params)
+        params = {k: params[k] + upd[k] for k in params}
+    last = float(task.loss(params, task.sample_batch("train", gen)))
+    assert math.isfinite(last) and last < 0.5 * first
+
+
+def test_reparam_augmentation_leaves_the_loss_unchanged():
+    base = make_family("digits_mlp", widths=[16], depths=[2], dtype=torch.float64).sample_seeded(0)
+    scales = {k: 10 ** (i - 2) for i, k in enumerate(base.param_shapes())}
+    aug = ReparamTask(base, scales)
+    gen = torch.Generator().manual_seed(0)
+    w_prime = aug.init_params(torch.Generator().manual_seed(1))
+    w = aug.to_base(w_prime)
+    batch = base.sample_batch("train", gen)
+    torch.testing.assert_close(aug.loss(w_prime, batch), base.loss(w, batch), rtol=1e-12, atol=0)
+    # the same init, the same minimizers: w'_0 * s is the base task's init
+    w0 = base.init_params(torch.Generator().manual_seed(1))
+    for k in w0:
+        torch.testing.assert_close(w_prime[k] * scales[k], w0[k])
+    # gradients are rescaled by s (what the optimizer has to be robust to)
+    gp = grad(lambda p: aug.loss(p, batch))(w_prime)
+    gb = grad(lambda p: base.loss(p, batch))(w)
+    for k in gp:
+        torch.testing.assert_close(gp[k], gb[k] * scales[k], rtol=1e-10, atol=1e-14)
+
+
+def test_mixture_family_is_reproducible_and_mixes():
+    from metaopt.cli.config import _default_mixture
+    fam = make_family("mixture", members=_default_mixture(), reparam_prob=0.5)
+    a = [repr(fam.sample_seeded(s)) for s in range(30)]
+    b = [repr(fam.sample_seeded(s)) for s in range(30)]
+    assert a == b
+    names = {fam.sample_seeded(s).name for s in range(60)}
+    assert {"digits_mlp", "digits_ae"} <= names and len(names) >= 4
+    assert any(isinstance(fam.sample_seeded(s), ReparamTask) for s in range(30))
+    with pytest.raises(ValueError, match="members.digits_mlp"):
+        make_family("mixture", members={"digits_mlp": {"widthz": [3]}})
+    with pytest.raises(ValueError, match="reparam_prob"):
+        make_family("mixture", members={"digits_mlp": {}}, reparam_prob=2.0)
