@@ -22,6 +22,21 @@ def _log_rms(t: Tensor) -> Tensor:
     return 0.5 * torch.log(t.pow(2).mean() + 1e-12)
 
 
+class _StatHook:
+    """Forward hook writing one layer's statistics into a recorder (a class, not a closure, so a
+    model with hooks attached can still be pickled)."""
+
+    def __init__(self, recorder: "ActivationRecorder", prefix: str, pnames):
+        self.recorder, self.prefix, self.pnames = recorder, prefix, tuple(pnames)
+
+    def __call__(self, mod, inputs, output):
+        x = inputs[0]
+        xin = _log_rms(x) if x.is_floating_point() else output.new_zeros(())
+        feats = torch.stack([xin, _log_rms(output)])
+        for p in self.pnames:
+            self.recorder.stats[self.prefix + p] = feats
+
+
 class ActivationRecorder:
     """Forward hooks that record, for each layer in ``STAT_LAYERS``, the log-RMS of its input and
     output, keyed by the names of that layer's parameters. Works under functional_call and vmap
@@ -34,13 +49,12 @@ class ActivationRecorder:
         self._handles = []
 
     def _hook(self, prefix: str, pnames):
-        def hook(mod, inputs, output):
-            x = inputs[0]
-            xin = _log_rms(x) if x.is_floating_point() else output.new_zeros(())
-            feats = torch.stack([xin, _log_rms(output)])
-            for p in pnames:
-                self.stats[prefix + p] = feats
-        return hook
+        return _StatHook(self, prefix, pnames)
+
+    def __getstate__(self):
+        # copies (deepcopy/pickle of a model with hooks attached) start with no recorded stats:
+        # the recorded tensors are part of the last forward's autograd graph
+        return {**self.__dict__, "stats": {}, "_handles": []}
 
     def __enter__(self):
         self.stats = {}

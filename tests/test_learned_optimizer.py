@@ -64,7 +64,7 @@ def test_learned_rule_trains_and_state_dict_round_trips(tmp_path):
     _run(model, opt, steps=5)
     opt2 = LearnedOptimizer(twin.named_parameters(), rule=make_rule("mlp", hidden_size=8, loss_features=True, act_features=True), model=twin)
     opt2.load_state_dict(sd)
-    assert int(opt2.state["rule"]["step"]) == 5
+    assert int(opt2.state[next(twin.parameters())]["step"]) == 5
     _run(twin, opt2, steps=5)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -105,8 +105,35 @@ def test_spec_dependent_checkpoint_rejects_other_model(tmp_path):
         LearnedOptimizer.from_pretrained(other.named_parameters(), tmp_path / "lw")
 
 
-def test_missing_closure_for_loss_rule_is_clear():
+def test_loss_rule_without_closure_uses_a_neutral_loss():
+    """step() without a closure (GradScaler, transformers' Trainer) works for a loss-aware rule:
+    the surprise feature is 0 and the running loss statistics are left as they were."""
     m = _model()
-    opt = LearnedOptimizer(m.parameters(), rule=make_rule("mlp", loss_features=True))
-    with pytest.raises(ValueError, match="closure"):
-        opt.step()
+    rule = make_rule("mlp", hidden_size=8, loss_features=True)
+    opt = LearnedOptimizer(m.parameters(), rule=rule)
+    _run(m, opt, steps=3)
+    stats = {k: opt.rule_state[k].clone() for k in ("loss_mean", "loss_var")}
+    x, y = _data()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(m(x), y).backward()
+    assert opt.step() is None
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))  # it stepped
+    for k, v in stats.items():
+        assert torch.equal(opt.rule_state[k], v)
+    assert int(opt.rule_state["step"]) == 4
+    # the neutral loss is exactly "no surprise": same update as passing the running mean
+    twin_m, twin_o = copy.deepcopy((m, opt))  # together, so twin_o steps twin_m
+    for mm, oo, closure_loss in ((m, opt, None), (twin_m, twin_o, stats["loss_mean"])):
+        oo.zero_grad()
+        nn.functional.cross_entropy(mm(x), y).backward()
+        oo.step(None if closure_loss is None else (lambda v=closure_loss: v.clone()))
+    for a, b in zip(m.parameters(), twin_m.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_activation_rule_without_model_is_a_one_line_error():
+    rule = make_rule("mlp", hidden_size=8, act_features=True)
+    with pytest.raises(ValueError, match="model=") as e:
+        LearnedOptimizer(_model().parameters(), rule=rule)
+    assert "\n" not in str(e.value)

@@ -1,23 +1,47 @@
 """Apply any trained rule to any model as an ordinary ``torch.optim.Optimizer``.
 
-    opt = metaopt.LearnedOptimizer.from_pretrained(model.named_parameters(), "default")
+    opt = metaopt.LearnedOptimizer(model.parameters())          # the shipped "default" rule
+    opt = metaopt.LearnedOptimizer.from_pretrained(model.named_parameters(), "path/to/ckpt")
     for x, y in data:
-        def closure():
-            opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); return loss
-        opt.step(closure)
+        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 
-Each param group's ``lr`` (default 1.0) multiplies the rule's update, so LR schedulers work.
-The rule's state (momenta, step counter, over the flat view of all parameters) lives in
-``self.state["rule"]`` and round-trips through ``state_dict``; theta is stored there too.
-When the rule has an in-place fast path (``Rule.step_``: adam, sgd, mlp) and all parameters
-share one dtype and device, ``step`` uses it (the same update up to rounding, without building
-the flat parameter vector); like ``torch.optim``, the state tensors are then updated in place,
-so a ``state_dict()`` kept across steps changes with them (deep-copy it to keep a snapshot).
+It behaves like the optimizers of ``torch.optim`` (tested against Adam/SGD in
+``tests/test_conformity.py``):
+
+* **Param groups.** Each group's ``lr`` (default 1.0) multiplies the rule's update, so LR
+  schedulers work; ``add_param_group`` extends the rule state with a fresh ``rule.init`` for the
+  new tensors (not possible for spec-dependent rules, whose theta is per tensor: clear error).
+* **Parameters whose ``.grad`` is None** (frozen layers, parameters outside this loss) are
+  skipped like in torch.optim: they are not moved, and their slice of the rule state is left
+  unchanged. The rule runs on the subset of tensors that have gradients (the flat spec and the
+  state restricted to them); shared scalars such as the rule's ``step`` advance once per step.
+* **State.** The rule keeps its state as a flat dict over the concatenated parameters (fast).
+  ``opt.state[p]`` presents it per parameter, the way torch.optim does: per-coordinate entries
+  are views of that tensor's slice shaped like the parameter (``m``, ``v`` ...), per-tensor
+  entries its element, and shared scalars (``step``, loss statistics) appear under every
+  parameter. ``state_dict()["state"]`` is therefore keyed by parameter index, with
+  ``param_groups`` (incl. ``param_names``) as in torch; ``load_state_dict`` reassembles the flat
+  state. The extra top-level keys ``rule`` and ``theta`` make a full ``state_dict`` self-contained;
+  ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps only ``state`` and
+  ``param_groups`` (theta is a fixed, trained hyperparameter set given at construction).
+  ``opt.state`` is a view for reading; write state with ``load_state_dict``.
+* **No closure.** ``loss.backward(); opt.step()`` works (GradScaler, transformers' Trainer). A
+  rule that reads the loss (``needs_loss``) then gets a neutral loss -- its running loss mean, so
+  the loss-surprise feature is 0 -- and its loss statistics (``loss_mean``/``loss_var``) are left
+  as they were. Rules that need activations require ``model=`` (forward hooks).
+* **Copies.** ``copy.deepcopy`` and pickling keep rule, theta and state; the activation hooks of
+  an activation-aware rule are not copied (call ``attach(model)`` on the copy).
+
+When the rule has an in-place fast path (``Rule.step_``) and the stepped parameters share one
+dtype and device, ``step`` uses it (the same update up to rounding); like ``torch.optim``, the
+state tensors are then updated in place, so a ``state_dict()`` kept across steps changes with
+them (deep-copy it to keep a snapshot).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,52 +50,152 @@ from metaopt.activations import ActivationRecorder
 from metaopt.rules.base import Rule, make_rule
 from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,
                               resolve_rule_path)
-from metaopt.types import FlatSpec, Params
+from metaopt.types import FlatSpec, Params, State
 
-__all__ = ["LearnedOptimizer", "PRETRAINED_DIR"]  # PRETRAINED_DIR: where shipped rules live
+__all__ = ["LearnedOptimizer", "PRETRAINED_DIR", "DEFAULT_RULE"]  # PRETRAINED_DIR: shipped rules
 
+#: the shipped rule that ``LearnedOptimizer(params)`` (no rule) loads
+DEFAULT_RULE = "default"
+#: rule-state keys that hold running loss statistics (rules.features.init_surprise_state)
+_LOSS_STAT_KEYS = ("loss_mean", "loss_var")
+
+_COORD, _TENSOR, _GLOBAL = "coord", "tensor", "global"
+
+
+# -- per-parameter view of a flat rule state -----------------------------------------------------
+def _layout(value: Tensor, spec: FlatSpec) -> Tuple[str, int]:
+    """How a flat state entry maps to parameters: along a dim of size N (per coordinate), of size
+    T (per tensor), or not at all (shared, e.g. the step counter). Dims are searched from the last
+    one, since flat layouts put the coordinate dim last (``m`` of the mlp rule is [K, N])."""
+    if isinstance(value, Tensor):
+        for kind, size in ((_COORD, spec.numel), (_TENSOR, spec.num_tensors)):
+            for d in range(value.dim() - 1, -1, -1):
+                if value.shape[d] == size:
+                    return kind, d
+    return _GLOBAL, -1
+
+
+def _offsets(spec: FlatSpec) -> List[int]:
+    out, o = [], 0
+    for n in spec.numels:
+        out.append(o)
+        o += n
+    return out
+
+
+def _split(value, kind: str, d: int, spec: FlatSpec, i: int, off: int):
+    """Parameter ``i``'s share of a flat entry (a view)."""
+    if kind == _COORD:
+        piece = value.narrow(d, off, spec.numels[i])
+        if d == value.dim() - 1:
+            piece = piece.reshape(tuple(value.shape[:-1]) + tuple(spec.shapes[i]))
+        return piece
+    if kind == _TENSOR:
+        return value.select(d, i)
+    return value
+
+
+def _gather(state: State, layout: Dict[str, Tuple[str, int]], spec: FlatSpec,
+            idx: Sequence[int]) -> State:
+    """The state restricted to the tensors ``idx`` (copies)."""
+    offs = _offsets(spec)
+    out = {}
+    for k, v in state.items():
+        kind, d = layout[k]
+        if kind == _COORD:
+            out[k] = torch.cat([v.narrow(d, offs[i], spec.numels[i]) for i in idx], dim=d)
+        elif kind == _TENSOR:
+            out[k] = v.index_select(d, torch.tensor(list(idx), device=v.device))
+        else:
+            out[k] = v
+    return out
+
+
+def _scatter_(state: State, sub: State, layout, spec: FlatSpec, idx: Sequence[int]) -> State:
+    """Write the subset state ``sub`` (over tensors ``idx``) back into ``state``."""
+    offs = _offsets(spec)
+    out = dict(state)
+    for k, v in sub.items():
+        kind, d = layout[k]
+        if kind == _COORD:
+            full, lo = state[k], 0
+            for i in idx:
+                n = spec.numels[i]
+                full.narrow(d, offs[i], n).copy_(v.narrow(d, lo, n))
+                lo += n
+        elif kind == _TENSOR:
+            state[k].index_copy_(d, torch.tensor(list(idx), device=v.device), v.to(state[k].dtype))
+        else:
+            out[k] = v
+    return out
+
+
+class _ParamState(defaultdict):
+    """``opt.state``: per-parameter dicts (torch.optim's layout). ``state["rule"]`` -- looked up,
+    never stored -- is the flat rule state (the layout before per-parameter state; prefer
+    ``opt.rule_state``)."""
+
+    def __init__(self, flat_fn=None, *args):
+        super().__init__(dict, *args)
+        self._flat_fn = flat_fn
+
+    def __missing__(self, key):
+        if isinstance(key, str) and key == "rule" and self._flat_fn is not None:
+            flat = self._flat_fn()
+            if flat is not None:
+                return flat
+        return super().__missing__(key)
+
+    def __reduce__(self):  # copies are plain per-parameter dicts
+        return (defaultdict, (dict,), None, None, iter(self.items()))
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, rule: Union[Rule, str] = "mlp", theta: Optional[Params] = None,
+    def __init__(self, params, rule: Union[Rule, str, None] = None, theta: Optional[Params] = None,
                  lr: float = 1.0, model: Optional[nn.Module] = None, seed: int = 0):
-        """``rule``: a Rule or a rule name (default kwargs; build others with ``make_rule``).
-        ``theta``: trained meta-parameters (default: the rule's fresh init from ``seed``).
-        ``lr``: per-group multiplier of the rule's update. ``model``: needed by activation-aware
-        rules (forward hooks record each layer's activation statistics)."""
-        if lr < 0:
+        """``rule``: a Rule, a rule name (default kwargs, fresh theta; build others with
+        ``make_rule``), or None for the shipped ``"default"`` rule with its trained theta.
+        ``theta``: trained meta-parameters (default: the checkpoint's for ``rule=None``, else the
+        rule's fresh init from ``seed``). ``lr``: per-group multiplier of the rule's update.
+        ``model``: needed by activation-aware rules (forward hooks record each layer's
+        activation statistics); also names unnamed parameters."""
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
             raise ValueError(f"Invalid lr: {lr}")
-        params = list(params)
-        names = None
-        if params and isinstance(params[0], tuple):  # named_parameters()
-            names = [n for n, _ in params]
-            params = [p for _, p in params]
+        if rule is None:
+            rule, ckpt_theta, _ = load_rule(resolve_rule_path(DEFAULT_RULE))
+            if theta is None and not rule.spec_dependent:
+                theta = ckpt_theta
+        elif isinstance(rule, str):
+            rule = make_rule(rule)
+        elif not isinstance(rule, Rule):
+            raise TypeError(f"Invalid rule: {rule!r} (expected a metaopt Rule, a rule name or None)")
+        self.rule = rule
+        self._flat: Optional[State] = None
+        self._views_stale = False
+        self._model_names = ({id(p): n for n, p in model.named_parameters()}
+                             if model is not None else {})
         super().__init__(params, dict(lr=lr))
-        self.rule = make_rule(rule) if isinstance(rule, str) else rule
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        if names is None and model is not None:
-            by_id = {id(p): n for n, p in model.named_parameters()}
-            names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(all_params)]
-        if names is None or len(names) != len(all_params):
-            names = [f"param{i}" for i in range(len(all_params))]
-        self._names = names
-        self.spec = FlatSpec(tuple(names), tuple(tuple(p.shape) for p in all_params))
+        self._rebuild_spec()
         expected = self.rule.init_theta(self.spec, torch.Generator().manual_seed(seed))
         if theta is None:
             theta = expected
         check_theta(theta, expected, where=f"theta for rule {self.rule.name!r}")
-        self.theta = {k: v.detach().to(all_params[0].device) for k, v in theta.items()}
-        if self.rule.needs_activations and model is None:
-            raise ValueError(f"rule {self.rule.name!r} uses activation features: pass model=<your nn.Module>")
-        self._recorder = ActivationRecorder(model).__enter__() if self.rule.needs_activations else None
+        device = self._plist()[0].device if self._plist() else None
+        self.theta = {k: v.detach().to(device) for k, v in theta.items()}
+        self._recorder = None
+        if self.rule.needs_activations:
+            if model is None:
+                raise ValueError(f"rule {self.rule.name!r} uses activation features: pass "
+                                 f"model=<your nn.Module> (or use a rule with needs_activations=False)")
+            self.attach(model)
+        self._ready = True
 
     # -- construction from checkpoints ---------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, params, name_or_path: Union[str, Path] = "default", **kwargs):
+    def from_pretrained(cls, params, name_or_path: Union[str, Path] = DEFAULT_RULE, **kwargs):
         """Load a rule checkpoint directory (theta.safetensors + rule.json), or a shipped name."""
         path = resolve_rule_path(name_or_path)
         rule, theta, meta = load_rule(path)
-        params = list(params)
         opt = cls(params, rule=rule, theta=theta if not rule.spec_dependent else None, **kwargs)
         if rule.spec_dependent:
             stored = meta.get("spec") or []
@@ -86,24 +210,151 @@ class LearnedOptimizer(torch.optim.Optimizer):
             opt.theta = {k: v.to(opt.theta[k].device) for k, v in theta.items()}
         return opt
 
-    # -- the step -----------------------------------------------------------------------------------
-    def _rule_state(self, params: Params) -> Dict[str, Tensor]:
-        st = self.state.get("rule")
-        if st is None:
+    def attach(self, model: nn.Module) -> None:
+        """(Re)register the forward hooks that record activation statistics on ``model``."""
+        self.close()
+        self._model_names = {id(p): n for n, p in model.named_parameters()}
+        self._rebuild_spec()
+        if self.rule.needs_activations:
+            self._recorder = ActivationRecorder(model).__enter__()
+
+    def close(self):
+        """Remove the activation hooks (only registered for activation-aware rules)."""
+        rec = self.__dict__.get("_recorder")
+        if rec is not None:
+            rec.__exit__(None, None, None)
+            self._recorder = None
+
+    # -- parameters, names, spec -----------------------------------------------------------------
+    def _plist(self) -> List[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _rebuild_spec(self) -> None:
+        old = self.__dict__.get("_names") or []
+        names: List[str] = []
+        for g in self.param_groups:
+            given = g.get("param_names")
+            for j, p in enumerate(g["params"]):
+                n = given[j] if given is not None else self._model_names.get(id(p))
+                if n is None and len(names) < len(old):
+                    n = old[len(names)]
+                names.append(n if n is not None else f"param{len(names)}")
+        if len(set(names)) != len(names):  # duplicates (e.g. mixing sources): positional names
+            names = [f"param{i}" for i in range(len(names))]
+        self._names = names
+        self.spec = FlatSpec(tuple(names), tuple(tuple(p.shape) for p in self._plist()))
+
+    def add_param_group(self, param_group) -> None:
+        if not self.__dict__.get("_ready"):  # called from Optimizer.__init__
+            return super().add_param_group(param_group)
+        if self.rule.spec_dependent:
+            raise ValueError(f"add_param_group: rule {self.rule.name!r} is spec-dependent (its theta "
+                             f"has one entry per parameter tensor of the model it was trained for), "
+                             f"so it cannot take new parameters")
+        old_spec = self.spec
+        flat = self._flat
+        super().add_param_group(param_group)
+        self._rebuild_spec()
+        if flat is not None:
+            new = self._plist()[old_spec.num_tensors:]
+            new_names = self._names[old_spec.num_tensors:]
             with torch.no_grad():
-                st = self.rule.init(params)
-            self.state["rule"] = st
+                fresh = self.rule.init(dict(zip(new_names, new)))
+            layout = {k: _layout(v, old_spec) for k, v in flat.items()}
+            ext = {}
+            for k, v in flat.items():
+                kind, d = layout[k]
+                ext[k] = torch.cat([v, fresh[k].to(v)], dim=d) if kind != _GLOBAL else v
+            self._flat = ext
+            self._views_stale = True
+
+    # -- per-parameter state ---------------------------------------------------------------------
+    @property
+    def state(self):  # type: ignore[override]
+        st = self.__dict__["state"]
+        if not isinstance(st, _ParamState):
+            st = self.__dict__["state"] = _ParamState(lambda: self._flat, st)
+        if self.__dict__.get("_views_stale"):
+            self._write_views(st)
         return st
 
-    def _can_step_(self, plist, state) -> bool:
+    @property
+    def rule_state(self) -> Optional[State]:
+        """The rule's flat state (None before the first step)."""
+        return self._flat
+
+    def _rule_state(self, params=None) -> State:
+        """The flat rule state, initialized if needed."""
+        if self._flat is None:
+            with torch.no_grad():
+                self._flat = self.rule.init(dict(zip(self._names, self._plist())))
+            self._views_stale = True
+        return self._flat
+
+    @state.setter
+    def state(self, value):
+        self.__dict__["state"] = value
+
+    def _write_views(self, st) -> None:
+        self.__dict__["_views_stale"] = False
+        st.clear()
+        flat = self._flat
+        if flat is None:
+            return
+        spec, plist, offs = self.spec, self._plist(), _offsets(self.spec)
+        layout = {k: _layout(v, spec) for k, v in flat.items()}
+        for i, p in enumerate(plist):
+            st[p] = {k: _split(v, *layout[k], spec, i, offs[i]) for k, v in flat.items()}
+
+    def _assemble(self) -> None:
+        """Rebuild the flat rule state from per-parameter entries (after load_state_dict)."""
+        st = self.__dict__["state"]
+        plist = self._plist()
+        if not any(st.get(p) for p in plist):
+            self._flat = None
+            return
+        with torch.no_grad():
+            expected = self.rule.init(dict(zip(self._names, plist)))
+        spec = self.spec
+        flat = {}
+        for k, ref in expected.items():
+            kind, d = _layout(ref, spec)
+            pieces = []
+            offs = _offsets(spec)
+            for i, p in enumerate(plist):
+                want = _split(ref, kind, d, spec, i, offs[i])
+                got = st.get(p, {}).get(k)
+                if got is None:
+                    got = want  # no saved state for this tensor: fresh init
+                if not isinstance(got, Tensor) or tuple(got.shape) != tuple(want.shape):
+                    raise CheckpointError(
+                        f"state_dict['state'][{i}][{k!r}] has shape "
+                        f"{list(got.shape) if isinstance(got, Tensor) else type(got).__name__}, "
+                        f"this optimizer expects {list(want.shape)} for parameter {self._names[i]!r}")
+                pieces.append(got.to(device=ref.device, dtype=ref.dtype))
+            if kind == _GLOBAL:
+                first = next((st[p][k] for p in plist if st.get(p) and k in st[p]), ref)
+                flat[k] = first.to(device=ref.device, dtype=ref.dtype).clone()
+            elif kind == _COORD:
+                flat[k] = torch.cat([q.reshape(tuple(ref.shape[:d]) + (n,) + tuple(ref.shape[d + 1:]))
+                                     for q, n in zip(pieces, spec.numels)], dim=d).clone()
+            else:
+                flat[k] = torch.stack(pieces, dim=d).clone()
+        self._flat = flat
+        self._views_stale = True
+
+    # -- the step -----------------------------------------------------------------------------------
+    def _can_step_(self, plist, state, glist=None) -> bool:
         """Whether the rule's in-place ``step_`` applies: it has one, and params, grads and
         state share one dtype and device (otherwise ``update``'s type promotion is kept)."""
         if not self.rule.has_step_() or not plist:
             return False
+        if glist is None:
+            glist = [p.grad if p.grad is not None else p for p in plist]
         dtype, device = plist[0].dtype, plist[0].device
-        for p in plist:
-            if p.dtype != dtype or p.device != device or (p.grad is not None and (
-                    p.grad.is_sparse or p.grad.dtype != dtype or p.grad.device != device)):
+        for p, g in zip(plist, glist):
+            if p.dtype != dtype or p.device != device or g.is_sparse or g.dtype != dtype \
+                    or g.device != device:
                 return False
         return all(v.device == device and (not v.is_floating_point() or v.dtype == dtype)
                    for v in state.values())
@@ -114,30 +365,52 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.rule.needs_loss and loss is None:
-            raise ValueError(f"rule {self.rule.name!r} uses the loss: call step(closure) with a "
-                             "closure that returns the loss")
-        plist = [p for g in self.param_groups for p in g["params"]]
-        params = dict(zip(self._names, plist))
-        glist = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plist]
-        grads = dict(zip(self._names, glist))
-        ctx = {"loss": loss.detach() if isinstance(loss, Tensor) else loss,
-               "act": dict(self._recorder.stats) if self._recorder is not None else None}
-        state = self._rule_state(params)
-        if self._can_step_(plist, state):
-            # in-place fast path; each group's lr scales its tensors' updates
-            scales = [float(g["lr"]) for g in self.param_groups for _ in g["params"]]
-            self.state["rule"] = self.rule.step_(self.theta, plist, glist, state,
-                                                 self.spec, ctx, scales)
+        if self.rule.needs_activations and self._recorder is None:
+            raise ValueError(f"rule {self.rule.name!r} uses activation features and no model is "
+                             f"attached (a copied/unpickled optimizer has no hooks): call opt.attach(model)")
+        plist = self._plist()
+        self._rule_state()
+        active = [i for i, p in enumerate(plist) if p.grad is not None]
+        if not active:
             return loss
-        updates, new_state = self.rule.update(self.theta, grads, state, params, ctx)
-        self.state["rule"] = new_state
-        i = 0
-        for g in self.param_groups:
-            for p in g["params"]:
-                u = updates[self._names[i]]
-                p.add_(u.to(p.dtype), alpha=g["lr"]) if g["lr"] != 1.0 else p.add_(u.to(p.dtype))
-                i += 1
+        full = len(active) == len(plist)
+        spec = self.spec if full else FlatSpec(tuple(self._names[i] for i in active),
+                                               tuple(self.spec.shapes[i] for i in active))
+        layout = None if full else {k: _layout(v, self.spec) for k, v in self._flat.items()}
+        state = self._flat if full else _gather(self._flat, layout, self.spec, active)
+        theta = self.theta
+        if not full and self.rule.spec_dependent:
+            tl = {k: _layout(v, self.spec) for k, v in theta.items()}
+            theta = _gather(theta, tl, self.spec, active)
+        ps = plist if full else [plist[i] for i in active]
+        gs = [p.grad for p in ps]
+        scales = [float(g["lr"]) for g in self.param_groups for _ in g["params"]]
+        if not full:
+            scales = [scales[i] for i in active]
+
+        lval = loss.detach() if isinstance(loss, Tensor) else (
+            torch.as_tensor(loss) if loss is not None else None)
+        saved_stats = None
+        if self.rule.needs_loss and lval is None:
+            # neutral loss: the running mean (surprise 0); the statistics are restored below
+            saved_stats = {k: state[k].clone() for k in _LOSS_STAT_KEYS if k in state}
+            ref = state.get("loss_mean")
+            lval = ref.clone() if isinstance(ref, Tensor) else ps[0].new_zeros(())
+        ctx = {"loss": lval,
+               "act": dict(self._recorder.stats) if self._recorder is not None else None}
+
+        if self._can_step_(ps, state, gs):
+            new_state = self.rule.step_(theta, ps, gs, state, spec, ctx, scales)
+        else:
+            updates, new_state = self.rule.update(theta, dict(zip(spec.names, gs)), state,
+                                                  dict(zip(spec.names, ps)), ctx)
+            for p, n, s in zip(ps, spec.names, scales):
+                u = updates[n].to(p.dtype)
+                p.add_(u, alpha=s) if s != 1.0 else p.add_(u)
+        if saved_stats:
+            new_state = {**new_state, **saved_stats}
+        self._flat = new_state if full else _scatter_(self._flat, new_state, layout, self.spec, active)
+        self._views_stale = True
         return loss
 
     # -- serialization ------------------------------------------------------------------------------
@@ -154,25 +427,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if rule_desc is not None and rule_desc != self.rule.describe():
             raise CheckpointError(f"state_dict is for rule {rule_desc}, this optimizer has "
                                   f"{self.rule.describe()}")
+        if "state" in state_dict and "rule" in state_dict["state"]:
+            raise CheckpointError("state_dict['state'] holds a flat 'rule' entry (the format before "
+                                  "per-parameter state); re-save it with this version")
         if theta is not None:
             check_theta(theta, self.theta, where="state_dict['theta']")
-            self.theta = {k: v.clone() for k, v in theta.items()}
+        self._views_stale = False
         super().load_state_dict(state_dict)
-        st = self.state.get("rule")
-        if st is not None:
-            # own copies: the rule's fast path updates its state in place, and the tensors of a
-            # loaded state_dict must not change under the caller (or be shared by two optimizers)
-            st = self.state["rule"] = {k: v.clone() if isinstance(v, Tensor) else v
-                                       for k, v in st.items()}
-            expected = self.rule.init({n: p for n, p in zip(self._names,
-                                       [p for g in self.param_groups for p in g["params"]])})
-            for k, v in expected.items():
-                if k not in st or tuple(st[k].shape) != tuple(v.shape):
-                    raise CheckpointError(f"state_dict['state']['rule'][{k!r}] does not match this "
-                                          f"model (expected shape {list(v.shape)})")
+        if theta is not None:
+            self.theta = {k: v.detach().clone().to(self.theta[k].device) for k, v in theta.items()}
+        self._rebuild_spec()
+        self._assemble()
 
-    def close(self):
-        """Remove the activation hooks (only registered for activation-aware rules)."""
-        if self._recorder is not None:
-            self._recorder.__exit__(None, None, None)
-            self._recorder = None
+    # -- copies ---------------------------------------------------------------------------------------
+    def __getstate__(self):
+        d = {k: v for k, v in self.__dict__.items()
+             if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+        d["_recorder"] = None
+        d["_model_names"] = {}
+        d["state"] = defaultdict(dict)  # views are rebuilt from the flat state
+        d["_views_stale"] = True
+        return d
+
+    def __setstate__(self, state):
+        super().__setstate__(state)

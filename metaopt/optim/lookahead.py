@@ -61,16 +61,28 @@ def build_inner(params, inner, inner_kwargs: Dict[str, Any], owner: str) -> Opti
 class WrapperOptimizer(Optimizer):
     """Base for optimizers that wrap an inner optimizer and share its ``param_groups``.
 
-    Subclasses keep their per-parameter tensors in ``self.state[p]`` and their scalar counters
-    in ``self._counters`` (a dict of ints); both round-trip through ``state_dict``.
+    Subclasses keep their per-parameter tensors in ``self.state[p]`` under keys starting with
+    ``"slow_"`` and their scalar counters in ``self._counters`` (a dict of ints).
+
+    ``defaults`` are the inner optimizer's defaults plus the wrapper's own hyperparameters, so
+    code that inspects them (``OneCycleLR`` looks for ``momentum``/``betas``) sees the inner
+    optimizer. ``state_dict()`` has torch.optim's format: ``state`` keyed by parameter index
+    (each entry holds the inner optimizer's state and the wrapper's ``slow_*`` tensors),
+    ``param_groups`` as the inner optimizer's (the wrapper's counters ride along in every group
+    as ``"<wrapper>_<counter>"`` ints, so ``torch.distributed.checkpoint`` keeps them). The
+    state-dict hooks of both the wrapper and the inner optimizer fire.
     """
+
+    _OWN_PREFIX = "slow_"
 
     def __init__(self, inner: Optimizer, defaults: Dict[str, Any]):
         self.optimizer = inner
         self._counters: Dict[str, int] = {}
         # Optimizer.__init__ would build param groups of our own; __setstate__ sets up exactly
         # the rest (hook dicts, profiled step) and is torch's own path for partial construction.
-        Optimizer.__setstate__(self, {"defaults": dict(defaults), "state": defaultdict(dict)})
+        Optimizer.__setstate__(self, {"defaults": {**inner.defaults, **defaults},
+                                      "state": defaultdict(dict)})
+        self._own_defaults = dict(defaults)
 
     # -- shared with the inner optimizer ---------------------------------------------------
     @property
@@ -87,42 +99,96 @@ class WrapperOptimizer(Optimizer):
         for group in self.param_groups:
             yield from group["params"]
 
-    # -- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        own = {}
-        for i, p in enumerate(self._params()):
-            if self.state.get(p):
-                own[i] = {k: v.detach().clone() if isinstance(v, Tensor) else v
-                          for k, v in self.state[p].items()}
-        return {"inner": self.optimizer.state_dict(), "state": own,
-                "counters": dict(self._counters)}
+    def _counter_key(self, name: str) -> str:
+        return f"{type(self).__name__.lower()}_{name}"
 
+    # -- checkpoints -----------------------------------------------------------------------
+    @torch._disable_dynamo
+    def state_dict(self) -> Dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        inner = self.optimizer.state_dict()
+        state = {i: dict(v) for i, v in inner["state"].items()}
+        for i, p in enumerate(self._params()):
+            own = self.state.get(p)
+            if not own:
+                continue
+            entry = state.setdefault(i, {})
+            for k, v in own.items():
+                if k in entry:
+                    raise RuntimeError(f"{type(self).__name__}.state_dict: the inner optimizer's "
+                                       f"state already has a key {k!r}")
+                entry[k] = v
+        groups = [dict(g) for g in inner["param_groups"]]
+        for g in groups:
+            for k, v in self._counters.items():
+                g[self._counter_key(k)] = int(v)
+        sd: Dict[str, Any] = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        for key in ("inner", "state", "counters"):
-            if key not in state_dict:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: missing key {key!r} "
-                                 f"(was it saved by {type(self).__name__}.state_dict?)")
-        self.optimizer.load_state_dict(state_dict["inner"])
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        if "inner" in state_dict and "counters" in state_dict:  # the format before 0.1.x
+            inner_sd, own_state = state_dict["inner"], state_dict.get("state", {})
+            counters = state_dict["counters"]
+        else:
+            for key in ("state", "param_groups"):
+                if key not in state_dict:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: missing key {key!r} "
+                                     f"(was it saved by {type(self).__name__}.state_dict?)")
+            # saved state is keyed like the saved groups' "params" (indices, or parameter names
+            # from torch.distributed.checkpoint); map those keys to indices of this optimizer
+            saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]
+            to_index = {k: j for j, k in enumerate(saved_ids)}
+            inner_state, own_state = {}, {}
+            for key, entry in state_dict["state"].items():
+                inner = {k: v for k, v in entry.items() if not k.startswith(self._OWN_PREFIX)}
+                own = {k: v for k, v in entry.items() if k.startswith(self._OWN_PREFIX)}
+                if inner:
+                    inner_state[key] = inner  # the inner optimizer maps keys via its groups
+                if own:
+                    own_state[to_index.get(key, key)] = own
+            counters = {}
+            prefix = self._counter_key("")
+            groups = []
+            for g in state_dict["param_groups"]:
+                g = dict(g)
+                for k in [k for k in g if k.startswith(prefix)]:
+                    counters.setdefault(k[len(prefix):], g.pop(k))
+                groups.append(g)
+            inner_sd = {"state": inner_state, "param_groups": groups}
+        self.optimizer.load_state_dict(inner_sd)
         params = list(self._params())
         self.state = defaultdict(dict)
-        for i, entry in state_dict["state"].items():
+        for i, entry in own_state.items():
             i = int(i)
             if i >= len(params):
                 raise ValueError(f"state_dict has state for parameter {i} but the optimizer has "
                                  f"{len(params)} parameters")
             p = params[i]
-            self.state[p] = {k: v.to(device=p.device, dtype=p.dtype) if isinstance(v, Tensor)
+            self.state[p] = {k: v.to(device=p.device, dtype=p.dtype).clone() if isinstance(v, Tensor)
                              and v.is_floating_point() else v for k, v in entry.items()}
-        self._counters.update({k: int(v) for k, v in state_dict["counters"].items()})
+        self._counters.update({k: int(v) for k, v in counters.items()})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return self.__dict__
+        return {k: v for k, v in self.__dict__.items()
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         Optimizer.__setstate__(self, state)
 
     def __repr__(self) -> str:
-        hyper = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self._own_defaults.items()
                           if k != "differentiable")
         inner = "\n    ".join(repr(self.optimizer).splitlines())
         return f"{type(self).__name__}({hyper},\n  inner={inner})"
@@ -196,26 +262,39 @@ class Lookahead(WrapperOptimizer):
 
     @property
     def k(self) -> int:
-        return self.defaults["k"]
+        return self._own_defaults["k"]
 
     @property
     def alpha(self) -> float:
-        return self.defaults["alpha"]
+        return self._own_defaults["alpha"]
 
-    # Slow weights start as the parameters seen at the first step (not at construction), so
-    # loading weights into the model after building the optimizer does what one expects.
+    # Slow weights start as the parameters seen at their first step with a gradient (not at
+    # construction), so loading weights into the model after building the optimizer does what
+    # one expects, and a frozen parameter (grad None) gets no state, as in torch.optim. Whether
+    # a parameter has a gradient is known only after the closure ran (inside the inner step), so
+    # candidates (requires_grad, no slow weights yet) are copied before it and kept after it.
+    @torch.no_grad()
+    def _slow_candidates(self) -> List[Tuple[Tensor, Tensor]]:
+        return [(p, p.detach().clone()) for p in self._params()
+                if p.requires_grad and "slow_param" not in self.state.get(p, {})]
+
+    @torch.no_grad()
+    def _keep_slow(self, candidates: List[Tuple[Tensor, Tensor]]) -> None:
+        for p, before in candidates:
+            if p.grad is not None:
+                self.state[p]["slow_param"] = before
+
     @torch.no_grad()
     def _init_slow(self) -> None:
-        for p in self._params():
-            st = self.state[p]
-            if "slow_param" not in st:
-                st["slow_param"] = p.detach().clone()
+        """Slow weights for the parameters that have a gradient now (closure already ran)."""
+        self._keep_slow(self._slow_candidates())
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One inner step (``closure`` is passed to the inner optimizer); every ``k``-th call
         also moves the slow weights and resets the fast weights to them."""
-        self._init_slow()
+        candidates = self._slow_candidates()
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self._keep_slow(candidates)
         self._after_inner_step()
         return loss
 
@@ -227,8 +306,13 @@ class Lookahead(WrapperOptimizer):
 
     @torch.no_grad()
     def _synchronize(self) -> None:
-        alpha, mode = self.alpha, self.defaults["pullback_momentum"]
+        # Parameters without a gradient now (frozen, unused by this loss) are skipped like
+        # torch.optim skips them: not moved, state untouched; they sync at the next sync step
+        # where they have one.
+        alpha, mode = self.alpha, self._own_defaults["pullback_momentum"]
         for p in self._params():
+            if p.grad is None or "slow_param" not in self.state.get(p, {}):
+                continue
             st = self.state[p]
             slow = st["slow_param"]
             slow.add_(p.detach() - slow, alpha=alpha)

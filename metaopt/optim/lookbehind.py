@@ -102,8 +102,8 @@ class Lookbehind(WrapperOptimizer):
     @torch.no_grad()
     def _ascent(self, params: List[Tensor]) -> None:
         """Move every parameter by its share of the ascent step, in place."""
-        rho, asam, eta = self.defaults["rho"], self.defaults["variant"] == "asam", \
-            self.defaults["eta"]
+        rho, asam, eta = self._own_defaults["rho"], self._own_defaults["variant"] == "asam", \
+            self._own_defaults["eta"]
         scaled = []  # (p, T * g, T or None)
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -127,17 +127,18 @@ class Lookbehind(WrapperOptimizer):
             raise ValueError("Lookbehind.step needs a closure that zeroes grads, computes the "
                              "loss, calls backward() and returns the loss")
         closure = torch.enable_grad()(closure)
-        k, alpha = self.defaults["k"], self.defaults["alpha"]
-        params = list(self._params())
-        with torch.no_grad():
-            slow = [p.detach().clone() for p in params]
-            fast = [s.clone() for s in slow]
+        k, alpha = self._own_defaults["k"], self._own_defaults["alpha"]
         first: Optional[List[Tensor]] = None
         loss0 = None
         for i in range(k):
             loss = closure()                  # gradient at the current perturbed point
             if i == 0:
                 loss0 = loss
+                # parameters without a gradient (frozen, unused) are left alone, as in torch.optim
+                params = [p for p in self._params() if p.grad is not None]
+                with torch.no_grad():
+                    slow = [p.detach().clone() for p in params]
+                    fast = [s.clone() for s in slow]
             self._ascent(params)              # perturbed point moves further up
             closure()                         # descent gradient at the new perturbed point
             with torch.no_grad():

@@ -43,7 +43,8 @@ class SLRLA(Lookahead):
         total_steps: total number of calls of :meth:`step`, needed for fractional milestones.
 
     The closure (if given) is called here, before the regularizer is added to the gradients;
-    the inner optimizer's ``step`` is then called without one.
+    the inner optimizer's ``step`` is then called without one. The regularized gradient is
+    passed as a new tensor for the duration of the inner step; ``p.grad`` itself is not written.
 
     References:
         P. Zhou, H. Yan, X. Yuan, J. Feng, S. Yan. *Towards Understanding Why Lookahead
@@ -66,7 +67,9 @@ class SLRLA(Lookahead):
         steps = _milestone_steps(milestones, total_steps)
         super().__init__(params, inner, k=k, alpha=alpha, pullback_momentum=pullback_momentum,
                          **inner_kwargs)
-        self.defaults.update(beta=float(beta), milestones=steps, gamma=float(gamma))
+        own = dict(beta=float(beta), milestones=steps, gamma=float(gamma))
+        self.defaults.update(own)
+        self._own_defaults.update(own)
         self._counters["step"] = 0
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
@@ -76,18 +79,27 @@ class SLRLA(Lookahead):
                 loss = closure()
         self._init_slow()
         t = self._counters["step"]
-        milestones, gamma = self.defaults["milestones"], self.defaults["gamma"]
+        milestones, gamma = self._own_defaults["milestones"], self._own_defaults["gamma"]
         n = bisect.bisect_right(milestones, t) - bisect.bisect_left(milestones, t)
         if n:
             for group in self.param_groups:
                 group["lr"] = group["lr"] * gamma ** n
-        beta = self.defaults["beta"]
+        beta = self._own_defaults["beta"]
+        # The regularized gradient is handed to the inner optimizer as a new tensor, and the
+        # caller's .grad tensors are put back afterwards: like torch.optim, .grad is never written.
+        swapped = []
         if beta:
             with torch.no_grad():
                 for p in self._params():
                     if p.grad is not None:
-                        p.grad.add_(p.detach() - self.state[p]["slow_param"], alpha=2.0 * beta)
-        self.optimizer.step()
+                        g = p.grad
+                        p.grad = g + 2.0 * beta * (p.detach() - self.state[p]["slow_param"])
+                        swapped.append((p, g))
+        try:
+            self.optimizer.step()
+        finally:
+            for p, g in swapped:
+                p.grad = g
         self._counters["step"] = t + 1
         self._after_inner_step()
         return loss
