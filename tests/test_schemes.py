@@ -141,8 +141,8 @@ def test_continuous_euler_reproduces_nested_gradient_descent(rule_key):
     agree after every outer step."""
     rule = rule_of(rule_key)
     nested = Nested(truncation=3)
-    cont = Continuous(window=3, method="euler", gradient="backprop", eta=0.5, eps=0.02)
-    assert cont.outer_lr == pytest.approx(0.02 * 3 * 0.5) and cont.timescale_ratio == 0.02
+    cont = Continuous(window=3, method="euler", gradient="backprop", eta=0.5)
+    outer_lr = 0.02 * cont.window * cont.eta  # eps = 0.02
     th_n, th_c = init_theta(rule), init_theta(rule)
     sl_n, sl_c = make_slots(rule, 3), make_slots(rule, 3)
     for _ in range(4):
@@ -161,8 +161,8 @@ def test_continuous_euler_reproduces_nested_gradient_descent(rule_key):
         advance(sl_c, oc)
         with torch.no_grad():
             for k in th_n:
-                th_n[k] -= cont.outer_lr * on.grads[k]
-        cont.outer_step(th_c, oc.grads)
+                th_n[k] -= outer_lr * on.grads[k]
+                th_c[k] -= outer_lr * oc.grads[k]
         for k in th_n:
             torch.testing.assert_close(th_c[k], th_n[k], rtol=1e-12, atol=1e-14)
     assert rel_err({k: v.detach() for k, v in th_n.items()}, init_theta(rule)) > 0  # theta moved
@@ -336,7 +336,7 @@ TRAINER_CASES = [
     ("nested", dict(truncation=3), "mlp"),
     ("interleaved", dict(), "layerwise_adam"),            # forward mode
     ("interleaved", dict(), "mlp"),                       # auto -> one_step
-    ("continuous", dict(window=3), "adam"),               # rk4 + adjoint (defaults)
+    ("continuous", dict(window=3, method="rk4"), "adam"),  # rk4 + adjoint
     ("continuous", dict(window=3, method="dopri5"), "sgd_momentum"),
     ("es", dict(truncation=3), "layerwise_adam"),
     ("pes", dict(truncation=3, num_samples=4), "mlp"),
@@ -415,7 +415,7 @@ def test_nested_checkpoint_gives_the_same_meta_gradient(name, kwargs, use_vmap):
 
 # -- construction ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw", [("interleaved", dict(mode="forward", max_forward_params=9)),
-                                     ("continuous", dict(window=5, method="dopri5", eps=0.1)),
+                                     ("continuous", dict(window=5, method="dopri5", eta=0.1)),
                                      ("es", dict(truncation=4, num_samples=3, sigma=0.1)),
                                      ("pes", dict(truncation=4, num_samples=3, sigma=0.1))])
 def test_make_scheme_round_trips_config_and_hydra_nodes(name, kw):
@@ -435,7 +435,7 @@ def test_make_scheme_round_trips_config_and_hydra_nodes(name, kw):
 @pytest.mark.parametrize("name,kw,word", [("interleaved", dict(mode="reverse"), "mode"),
                                           ("continuous", dict(method="leapfrog"), "method"),
                                           ("continuous", dict(gradient="exact"), "gradient"),
-                                          ("continuous", dict(eps=0.0), "eps"),
+                                          ("continuous", dict(eta=0.0), "eta"),
                                           ("es", dict(sigma=0.0), "sigma"),
                                           ("pes", dict(num_samples=0), "num_samples")])
 def test_invalid_scheme_arguments_name_the_argument(name, kw, word):

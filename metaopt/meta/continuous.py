@@ -3,10 +3,11 @@
 The two flows of the design, written as ODEs::
 
     dz/dt     = F_theta(z, t)                  fast: z = (w, rule state), one window per outer step
-    dtheta/dt = -eps * dL/dtheta               slow: eps = timescale_ratio (eps << 1)
+    dtheta/dt = -eps * dL/dtheta               slow: eps << 1, set by the outer optimizer
 
 **Inner flow.** One inner step lasts ``eta`` units of time. The rule's update is a velocity:
-``F_theta(z, t) = (update(theta, grad L(w; batch_k), s, w), s_new - s) / eta``, where ``s_new``
+``F_theta(z, t) = (update(theta, grad L(w; batch_k), s, w), s_new - s) / eta`` (the same
+gradient-then-update as every other scheme: :func:`metaopt.meta.unroll.rule_step`), where ``s_new``
 is the rule state the rule would return; so the rule state (momenta, running moments) is part of
 the ODE state and flows too. The step counter is not: it is the integer ``k`` of the piece of
 time ``[k eta, (k+1) eta)`` the solver is in. Data are piecewise constant in time: on that piece
@@ -16,7 +17,7 @@ the left limit, i.e. still batch ``k``) -- the batches the nested scheme would u
 
 * ``method="euler"`` with step ``eta`` (``substeps=1``) is ``z_{k+1} = z_k + eta * F`` -- the
   discrete rule, step for step (tests/test_schemes.py checks the trajectory and the
-  meta-gradient against :class:`metaopt.meta.nested.Nested`);
+  meta-gradient against the nested scheme);
 * ``rk4``/``midpoint`` take ``substeps`` steps of ``eta / substeps`` per inner step (grid aligned
   with the pieces, ``perturb=True`` so no stage samples the next piece's batch); ``dopri5`` (and
   the other adaptive solvers) integrate each piece separately, so steps never straddle a batch
@@ -29,9 +30,9 @@ rounds a boundary onto the wrong side. ``eta`` therefore does not change the inn
 all; it sets how much physical time a window lasts (``window * eta``), which is what the outer
 flow is measured against.
 
-**Meta-gradient.** The meta-loss over the window is the nested one (``valid_mean``,
-``valid_log_mean``, ``valid_last``, ``train``; see :func:`metaopt.meta.unroll.unroll`), evaluated
-on the solution at the step boundaries ``t = k eta``.
+**Meta-gradient.** The meta-loss over the window is the nested one (any of
+:data:`metaopt.meta.unroll.META_LOSSES`, the same function), evaluated on the solution at the step
+boundaries ``t = k eta``.
 
 * ``gradient="backprop"`` differentiates through the solver's operations: the exact gradient of
   the discretized forward, with memory growing like window x stages x the rule's internal graph.
@@ -51,35 +52,33 @@ on the solution at the step boundaries ``t = k eta``.
   tolerances it matches finite differences.
 
 **Outer flow.** The trainer takes one outer step per window, so one outer step spans ``window *
-eta`` of time, and an explicit-Euler step of ``dtheta/dt = -eps dL/dtheta`` is ``theta <- theta
-- eps * window * eta * g``: plain SGD with learning rate :attr:`outer_lr` ``= eps * window *
-eta`` (:meth:`outer_step` performs it; with ``euler`` this reproduces nested gradient descent
-step for step). The MetaTrainer applies Adam with ``meta.outer_lr`` instead. Adam's step is
-about ``meta.outer_lr * g / rms(g)``, so the effective timescale ratio is ``eps ~ meta.outer_lr
-/ (window * eta * rms(g))`` with ``rms(g)`` Adam's running RMS of the meta-gradient: to keep
-``eps`` fixed when changing the window, scale ``meta.outer_lr`` with ``window * eta``. A smaller
-outer_lr or a longer window means a wider separation of timescales (theta nearly frozen during
-a window, the regime where the nested and continuous pictures agree). The scheme returns the
-plain meta-gradient ``dL/dtheta`` (not scaled by eps), comparable to every other scheme's.
+eta`` of time; an explicit-Euler step of ``dtheta/dt = -eps dL/dtheta`` would be plain SGD with
+learning rate ``eps * window * eta``. The MetaTrainer applies Adam with ``meta.outer_lr``
+instead. Adam's step is about ``meta.outer_lr * g / rms(g)``, so the effective timescale ratio
+is ``eps ~ meta.outer_lr / (window * eta * rms(g))`` with ``rms(g)`` Adam's running RMS of the
+meta-gradient: to keep ``eps`` fixed when changing the window, scale ``meta.outer_lr`` with
+``window * eta``. A smaller outer_lr or a longer window means a wider separation of timescales
+(theta nearly frozen during a window, the regime where the nested and continuous pictures
+agree). The scheme returns the plain meta-gradient ``dL/dtheta``, comparable to every other
+scheme's.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict
 
 import torch
-from torch.func import grad_and_value, vmap
 
-from metaopt.meta.nested import sample_window
-from metaopt.meta.schemes import Scheme, SchemeOutput, register_scheme
-from metaopt.meta.slots import Slot, group_by_signature, stack_dicts, unstack_dict
+from metaopt.meta.engine import SlotGroup, mean_meta_gradient, run_slots
+from metaopt.meta.schemes import Scheme, register_scheme
+from metaopt.meta.unroll import MetaLoss, UnrollOut, get_meta_loss, rule_step
 
 FIXED_GRID = ("euler", "midpoint", "rk4")
 ADAPTIVE = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 GRADIENTS = ("adjoint", "backprop")
 
 
-def _torchdiffeq():
+def torchdiffeq_module():
     try:
         import torchdiffeq
     except ImportError:  # an optional dependency (the "ode" extra)
@@ -92,9 +91,9 @@ def _torchdiffeq():
 class Continuous(Scheme):
     name = "continuous"
 
-    def __init__(self, window: int = 20, method: str = "rk4", gradient: str = "adjoint",
-                 eta: float = 1.0, substeps: int = 1, eps: float = 1e-4, rtol: float = 1e-6,
-                 atol: float = 1e-8, store_every: int = 1, use_vmap: bool = True):
+    def __init__(self, window: int = 20, method: str = "euler", gradient: str = "adjoint",
+                 eta: float = 1.0, substeps: int = 1, rtol: float = 1e-6, atol: float = 1e-8,
+                 store_every: int = 1, use_vmap: bool = True):
         if window < 1:
             raise ValueError(f"Invalid window: {window}")
         if method not in FIXED_GRID + ADAPTIVE:
@@ -106,42 +105,23 @@ class Continuous(Scheme):
             raise ValueError(f"Invalid eta: {eta}")
         if substeps < 1:
             raise ValueError(f"Invalid substeps: {substeps}")
-        if not eps > 0:
-            raise ValueError(f"Invalid eps: {eps}")
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"Invalid tolerance: rtol={rtol}, atol={atol}")
         if store_every < 1:
             raise ValueError(f"Invalid store_every: {store_every}")
         self.window = int(window)
         self.method, self.gradient = method, gradient
-        self.eta, self.substeps, self.eps = float(eta), int(substeps), float(eps)
+        self.eta, self.substeps = float(eta), int(substeps)
         self.rtol, self.atol = float(rtol), float(atol)
         self.store_every = int(store_every)
         self.use_vmap = bool(use_vmap)
-        _torchdiffeq()
+        torchdiffeq_module()
 
     def config(self):
         return dict(window=self.window, method=self.method, gradient=self.gradient, eta=self.eta,
-                    substeps=self.substeps, eps=self.eps, rtol=self.rtol, atol=self.atol,
+                    substeps=self.substeps, rtol=self.rtol, atol=self.atol,
                     store_every=self.store_every, use_vmap=self.use_vmap)
 
-    # -- the outer flow ------------------------------------------------------------------------
-    @property
-    def timescale_ratio(self) -> float:
-        return self.eps
-
-    @property
-    def outer_lr(self) -> float:
-        """SGD learning rate that makes one outer step an Euler step of the outer flow."""
-        return self.eps * self.window * self.eta
-
-    def outer_step(self, theta, grads) -> None:
-        """theta <- theta - eps * (window * eta) * g, in place."""
-        with torch.no_grad():
-            for k, v in theta.items():
-                v.sub_(self.outer_lr * grads[k].to(v.dtype))
-
-    # -- the inner flow --------------------------------------------------------------------------
     def _grid(self, func, y0, t):
         """Fixed-grid times: ``substeps`` per unit of tau, exact at every integer."""
         pieces = []
@@ -152,54 +132,41 @@ class Continuous(Scheme):
         pieces.append(t[-1:])
         return torch.cat(pieces)
 
-    def window_losses(self, rule, theta, slots: List[Slot], meta_loss: str):
-        """Per-slot (meta_loss, train_loss, params, state), differentiable w.r.t. theta."""
-        need_valid = meta_loss.startswith("valid")
-        groups = group_by_signature(slots) if self.use_vmap else [[i] for i in range(len(slots))]
-        outs = [None] * len(slots)
-        for idx in groups:
-            res = self._solve_group(rule, theta, [slots[i] for i in idx], meta_loss, need_valid)
-            for j, i in enumerate(idx):
-                outs[i] = res[j]
-        return outs
+    def window_losses(self, rule, theta, slots, meta_loss):
+        """Per-slot UnrollOut results, differentiable w.r.t. theta."""
+        ml = get_meta_loss(meta_loss)
+        return run_slots(slots, self.window, ml.needs_valid,
+                         lambda g: self._solve_group(rule, theta, g, ml), self.use_vmap)
 
-    def _solve_group(self, rule, theta, slots: List[Slot], meta_loss: str, need_valid: bool):
-        torchdiffeq = _torchdiffeq()
+    def estimate(self, rule, theta, slots, meta_loss):
+        outs = self.window_losses(rule, theta, slots, meta_loss)
+        return mean_meta_gradient(theta, outs), outs
 
-        T, K = self.window, len(slots)
-        task = slots[0].task
-        apply = task.apply
-        pkeys = list(slots[0].params)
-        state0 = slots[0].state
+    def _solve_group(self, rule, theta, g: SlotGroup, ml: MetaLoss) -> UnrollOut:
+        torchdiffeq = torchdiffeq_module()
+        T, K, apply = self.window, g.size, g.apply
+        pkeys = list(g.params)
+        state0 = g.slots[0].state
         fkeys = [k for k, v in state0.items() if v.is_floating_point() and k != "step"]
         bad = [k for k in state0 if k not in fkeys and k != "step"]
         if bad:
             raise ValueError(f"continuous scheme: rule state {bad[0]!r} is not a float tensor, "
                              "so it cannot be part of the ODE state")
         has_step = "step" in state0
-        data = [sample_window(s, T, need_valid) for s in slots]
-        tb = tuple(torch.stack(x) for x in zip(*[d[0] for d in data]))          # [K, T, ...]
-        vb = tuple(torch.stack(x) for x in zip(*[d[1] for d in data])) if need_valid else None
-        bufs = stack_dicts([s.task.buffers for s in slots]) if task.buffers else {}
-        step0 = torch.stack([s.state["step"] for s in slots]) if has_step else None
-        y0 = tuple(torch.stack([s.params[k] for s in slots]) for k in pkeys) + \
-            tuple(torch.stack([s.state[k] for s in slots]) for k in fkeys)
+        tb, vb, bufs = g.train, g.valid, g.buffers                          # [K, T, ...]
+        step0 = g.state["step"] if has_step else None
+        y0 = tuple(g.params[k] for k in pkeys) + tuple(g.state[k] for k in fkeys)
         n_p = len(pkeys)
         train_losses: Dict[int, torch.Tensor] = {}
 
         def one(p, b, sf, step, batch):
-            if rule.needs_activations:
-                grads, (loss, stats) = grad_and_value(
-                    lambda q: apply(q, b, batch, stats=True), has_aux=True)(p)
-            else:
-                grads, loss = grad_and_value(lambda q: apply(q, b, batch))(p)
-                stats = None
             s = dict(sf)
             if has_step:
                 s["step"] = step
-            updates, s2 = rule.update(theta, grads, s, p, {"loss": loss, "act": stats})
+            updates, s2, loss = rule_step(rule, theta, apply, p, b, s, batch)
             return ([updates[k].to(p[k].dtype) for k in pkeys],
                     [s2[k].to(sf[k].dtype) - sf[k] for k in fkeys], loss)
+        one_v = g.vmap(one)
 
         def velocity(tau, y, k):
             """dz/dtau on piece k (tau = t / eta; dz/dt is this divided by eta)."""
@@ -207,7 +174,7 @@ class Continuous(Scheme):
             sf = dict(zip(fkeys, y[n_p:]))
             batch = tuple(x[:, k] for x in tb)
             step = step0 + k if has_step else torch.zeros(K)
-            dp, ds, loss = vmap(one, in_dims=(0, 0, 0, 0, 0))(p, bufs, sf, step, batch)
+            dp, ds, loss = one_v(p, bufs, sf, step, batch)
             if k not in train_losses:  # the first evaluation on piece k is at z(k eta): log it
                 train_losses[k] = loss.detach()
             return tuple(dp) + tuple(ds)
@@ -223,12 +190,12 @@ class Continuous(Scheme):
             def field(tau, y):
                 return velocity(tau, y, min(max(int(math.floor(float(tau.detach()))), 0), T - 1))
 
-            if meta_loss == "valid_last":  # keep the solution every store_every steps only
+            if ml.last_only:  # keep the solution every store_every steps only
                 ts = torch.tensor(sorted(set(range(0, T, self.store_every)) | {T}), dtype=dtype)
             else:
                 ts = torch.arange(T + 1, dtype=dtype)
             sol = ode(field, y0, ts, options=dict(grid_constructor=self._grid, perturb=True), **kw)
-            at = lambda i: tuple(x[-1 if meta_loss == "valid_last" else i] for x in sol)
+            at = lambda i: tuple(x[-1 if ml.last_only else i] for x in sol)
         else:
             ys = [y0]
             for k in range(T):
@@ -237,45 +204,17 @@ class Continuous(Scheme):
                 ys.append(tuple(x[-1] for x in sol))
             at = lambda i: ys[i]
 
-        loss_fn = vmap(lambda p, b, batch: apply(p, b, batch))
-        params_at = lambda i: dict(zip(pkeys, at(i)[:n_p]))
-        if meta_loss == "valid_last":
-            meta = loss_fn(params_at(T), bufs, tuple(x[:, T - 1] for x in vb))
-        else:  # the nested definitions (metaopt.meta.unroll.unroll), step k's loss after step k
-            src = tb if meta_loss == "train" else vb
-            per_step = [loss_fn(params_at(k + 1), bufs, tuple(x[:, k] for x in src))
-                        for k in range(T)]
-            if meta_loss == "valid_log_mean":
-                per_step = [torch.log(v) for v in per_step]
-            meta = torch.stack(per_step).mean(0)
+        # the nested meta-loss (metaopt.meta.unroll), step k's loss on the solution after step k
+        loss_at = g.vmap(lambda p, b, tb_, vb_: ml(apply, p, b, tb_, vb_),
+                         in_dims=(0, 0, 0, 0 if ml.needs_valid else None))
+        batch_at = lambda src, k: tuple(x[:, k] for x in src) if src is not None else None
+        per_step = [loss_at(dict(zip(pkeys, at(k + 1)[:n_p])), bufs, batch_at(tb, k), batch_at(vb, k))
+                    for k in range(T) if ml.reads(k, T)]
+        meta = torch.stack(per_step).mean(0)
         train = torch.stack([train_losses[k] for k in range(T)]).mean(0)
         yT = at(T)
-        p_end = unstack_dict(dict(zip(pkeys, yT[:n_p])), K)
-        s_end = unstack_dict(dict(zip(fkeys, yT[n_p:])), K) if fkeys else [{} for _ in range(K)]
-        out = []
-        for j in range(K):
-            state = dict(s_end[j])
-            if has_step:
-                state["step"] = step0[j] + T
-            state = {k: state[k] for k in state0}  # the rule's own key order
-            out.append((meta[j], train[j], p_end[j], state))
-        return out
-
-    def meta_gradient(self, rule, theta, slots, meta_loss):
-        outs = self.window_losses(rule, theta, slots, meta_loss)
-        total = torch.stack([o[0] for o in outs]).mean()
-        keys = [k for k in theta if theta[k].requires_grad]
-        grads = dict.fromkeys(theta)
-        if keys and total.requires_grad:
-            gs = torch.autograd.grad(total, [theta[k] for k in keys], allow_unused=True)
-            grads.update(zip(keys, gs))
-        grads = {k: (g if g is not None else torch.zeros_like(theta[k])) for k, g in grads.items()}
-        return SchemeOutput(
-            grads=grads,
-            meta_losses=[float(o[0].detach()) for o in outs],
-            train_losses=[float(o[1]) for o in outs],
-            params=[{k: v.detach().clone() for k, v in o[2].items()} for o in outs],
-            states=[{k: v.detach().clone() for k, v in o[3].items()} for o in outs],
-            extras=[{} for _ in outs],
-            inner_steps=self.window,
-        )
+        s_end = dict(zip(fkeys, yT[n_p:]))
+        if has_step:
+            s_end["step"] = step0 + T
+        return UnrollOut(meta, train, dict(zip(pkeys, yT[:n_p])),
+                         {k: s_end[k] for k in state0})  # the rule's own key order

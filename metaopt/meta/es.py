@@ -39,6 +39,10 @@ Both schemes also advance each slot's own (unperturbed, theta) run one window on
 batches: that run is what the trainer logs (meta-loss at theta, comparable with other schemes),
 checks for divergence and resets. Perturbations come from the slot's own generator (after its
 batches), so a checkpoint/resume reproduces them.
+
+The ``2N + 1`` runs of a slot (N positive, N negative particles, then the unperturbed run) are
+one vmap over particles, inside the slot engine's vmap over same-signature slots: one batched
+call per group for the whole meta-batch.
 """
 from __future__ import annotations
 
@@ -47,10 +51,10 @@ from typing import Dict
 import torch
 from torch.func import vmap
 
-from metaopt.meta.nested import sample_window
-from metaopt.meta.schemes import Scheme, SchemeOutput, register_scheme
+from metaopt.meta.engine import SlotGroup, run_slots, stack_dicts
+from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.slots import Slot
-from metaopt.meta.unroll import unroll
+from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
 from metaopt.types import Params
 
 
@@ -82,95 +86,87 @@ class _Perturbed(Scheme):
     def config(self):
         return dict(truncation=self.truncation, num_samples=self.num_samples, sigma=self.sigma)
 
-    def _run(self, rule, thetas: Params, slot: Slot, params: Params, state, batches, meta_loss):
-        """Window for a batch of particles: thetas/params/state all with a leading particle dim."""
-        need_valid = meta_loss.startswith("valid")
-        tb, vb = batches
-        task = slot.task
-        fn = lambda th, p, s: unroll(rule, th, task.apply, p, task.buffers, s, tb,
-                                     vb if need_valid else None, meta_loss)
-        return vmap(fn)(thetas, params, state)
-
-    def _noise(self, slot: Slot, ref: torch.Tensor) -> torch.Tensor:
+    def noise(self, slot: Slot, ref: torch.Tensor) -> torch.Tensor:
         """[N, P] perturbations e_i ~ N(0, sigma^2 I), drawn from the slot's generator."""
         z = torch.randn((self.num_samples, ref.numel()), generator=slot.gen, dtype=torch.float64)
         return (z * self.sigma).to(ref.dtype)
 
-    def meta_gradient(self, rule, theta, slots, meta_loss):
-        need_valid = meta_loss.startswith("valid")
+    def particles(self, slot: Slot, flat: torch.Tensor, e: torch.Tensor):
+        """(params, state) of the slot's 2N perturbed runs [2N, ...] and the direction [N, P]
+        their loss difference is multiplied by."""
+        raise NotImplementedError
+
+    def carried(self, o: UnrollOut, direction: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """slot.extra after the window (``o``: the group's particles, [K, 2N+1, ...])."""
+        return {}
+
+    def estimate(self, rule, theta, slots, meta_loss: MetaLoss):
         flat = flatten_theta(theta)
-        grads, res = [], []
-        with torch.no_grad():
-            for slot in slots:
-                batches = sample_window(slot, self.truncation, need_valid)
-                e = self._noise(slot, flat)
-                g, r = self._slot_estimate(rule, theta, flat, slot, e, batches, meta_loss)
-                grads.append(g)
-                res.append(r)
-        g = torch.stack(grads).mean(0)
-        return SchemeOutput(
-            grads={k: v.clone() for k, v in unflatten_theta(g, theta).items()},
-            meta_losses=[r[0] for r in res], train_losses=[r[1] for r in res],
-            params=[r[2] for r in res], states=[r[3] for r in res], extras=[r[4] for r in res],
-            inner_steps=self.truncation)
-
-    @staticmethod
-    def _take(d: Dict[str, torch.Tensor], sl) -> Dict[str, torch.Tensor]:
-        return {k: v[sl].clone() for k, v in d.items()}
-
-    def _estimate(self, L_pos, L_neg, direction):
         N = self.num_samples
-        return ((L_pos - L_neg)[:, None] * direction).sum(0) / (2 * N * self.sigma ** 2)
+        dims = (0, 0, 0, 0, 0, 0 if meta_loss.needs_valid else None)
+
+        def group_fn(g: SlotGroup):
+            e = torch.stack([self.noise(s, flat) for s in g.slots])             # [K, N, P]
+            parts = [self.particles(s, flat, e[j]) for j, s in enumerate(g.slots)]
+            direction = torch.stack([d for _, _, d in parts])                    # [K, N, P]
+            # particles 0..N-1: theta + e, N..2N-1: theta - e, 2N: theta itself (the slot's run)
+            shifts = torch.cat([e, -e, torch.zeros_like(e[:, :1])], dim=1)
+            thetas = unflatten_theta(flat + shifts, theta)                       # [K, 2N+1, ...]
+
+            def cat(i, cur):  # the slots' 2N particles, then their current run
+                st = stack_dicts([p[i] for p in parts])
+                return {k: torch.cat([st[k], cur[k][:, None]], dim=1) for k in cur}
+
+            def slot_fn(th, p, b, s, tb, vb):
+                run = lambda th_, p_, s_: unroll(rule, th_, g.apply, p_, b, s_, tb, vb, meta_loss)
+                return vmap(run)(th, p, s)
+            o = g.vmap(slot_fn, in_dims=dims)(thetas, cat(0, g.params), g.buffers,
+                                              cat(1, g.state), g.train, g.valid)
+            L = o.meta_loss                                                      # [K, 2N+1]
+            grad = ((L[:, :N] - L[:, N:2 * N])[..., None] * direction).sum(1) / (
+                2 * N * self.sigma ** 2)
+            last = lambda d: {k: v[:, -1] for k, v in d.items()}
+            return UnrollOut(L[:, -1], o.train_loss[:, -1], last(o.params), last(o.state),
+                             self.carried(o, direction)), grad
+
+        with torch.no_grad():
+            res = run_slots(slots, self.truncation, meta_loss.needs_valid, group_fn)
+        g = torch.stack([r[1] for r in res]).mean(0)
+        return unflatten_theta(g, theta), [r[0] for r in res]
 
 
 @register_scheme
 class ES(_Perturbed):
     name = "es"
 
-    def _slot_estimate(self, rule, theta, flat, slot, e, batches, meta_loss):
-        N = self.num_samples
-        # particles: N positive, N negative, then the unperturbed run itself
-        shifts = torch.cat([e, -e, torch.zeros_like(flat)[None]])
-        thetas = unflatten_theta(flat[None] + shifts, theta)
-        rep = lambda d: {k: v.expand((2 * N + 1,) + tuple(v.shape)) for k, v in d.items()}
-        o = self._run(rule, thetas, slot, rep(slot.params), rep(slot.state), batches, meta_loss)
-        g = self._estimate(o.meta_loss[:N], o.meta_loss[N:2 * N], e)
-        return g, (float(o.meta_loss[-1]), float(o.train_loss[-1]), self._take(o.params, -1),
-                   self._take(o.state, -1), {})
+    def particles(self, slot, flat, e):
+        # every particle starts the window from the slot's current state; direction = e
+        rep = lambda d: {k: v.expand((2 * self.num_samples,) + tuple(v.shape)) for k, v in d.items()}
+        return rep(slot.params), rep(slot.state), e
 
 
 @register_scheme
 class PES(_Perturbed):
     name = "pes"
 
-    def _particles(self, slot: Slot, flat):
-        """Carried (pos params, pos state, neg params, neg state, xi); fresh after a reset."""
+    def particles(self, slot, flat, e):
+        """Carried particles (fresh copies of the slot after a reset) and xi = old xi + e."""
         N = self.num_samples
         x = slot.extra
         if "pes.xi" not in x:
-            rep = lambda d: {k: v[None].repeat((N,) + (1,) * v.dim()) for k, v in d.items()}
-            return (rep(slot.params), rep(slot.state), rep(slot.params), rep(slot.state),
-                    flat.new_zeros((N, flat.numel())))
+            rep = lambda d: {k: v[None].repeat((2 * N,) + (1,) * v.dim()) for k, v in d.items()}
+            return rep(slot.params), rep(slot.state), e
         if tuple(x["pes.xi"].shape) != (N, flat.numel()):
             raise ValueError(f"slot.extra['pes.xi'] has shape {list(x['pes.xi'].shape)}, expected "
                              f"{[N, flat.numel()]} (num_samples or theta changed mid-run?)")
-        pick = lambda pre, like: {k: x[pre + k] for k in like}
-        return (pick("pes.pos.p.", slot.params), pick("pes.pos.s.", slot.state),
-                pick("pes.neg.p.", slot.params), pick("pes.neg.s.", slot.state), x["pes.xi"])
+        pick = lambda g, like: {k: torch.cat([x[f"pes.pos.{g}.{k}"], x[f"pes.neg.{g}.{k}"]])
+                                for k in like}
+        return pick("p", slot.params), pick("s", slot.state), x["pes.xi"] + e
 
-    def _slot_estimate(self, rule, theta, flat, slot, e, batches, meta_loss):
+    def carried(self, o, direction):
         N = self.num_samples
-        pp, ps, np_, ns, xi = self._particles(slot, flat)
-        xi = xi + e
-        shifts = torch.cat([e, -e, torch.zeros_like(flat)[None]])
-        thetas = unflatten_theta(flat[None] + shifts, theta)
-        cat = lambda a, b, c: {k: torch.cat([a[k], b[k], c[k][None]]) for k in c}
-        o = self._run(rule, thetas, slot, cat(pp, np_, slot.params), cat(ps, ns, slot.state),
-                      batches, meta_loss)
-        g = self._estimate(o.meta_loss[:N], o.meta_loss[N:2 * N], xi)
-        extra = {"pes.xi": xi.clone()}
+        extra = {"pes.xi": direction}
         for sign, sl in (("pos", slice(0, N)), ("neg", slice(N, 2 * N))):
-            extra.update({f"pes.{sign}.p.{k}": v for k, v in self._take(o.params, sl).items()})
-            extra.update({f"pes.{sign}.s.{k}": v for k, v in self._take(o.state, sl).items()})
-        return g, (float(o.meta_loss[-1]), float(o.train_loss[-1]), self._take(o.params, -1),
-                   self._take(o.state, -1), extra)
+            extra.update({f"pes.{sign}.p.{k}": v[:, sl] for k, v in o.params.items()})
+            extra.update({f"pes.{sign}.s.{k}": v[:, sl] for k, v in o.state.items()})
+        return extra

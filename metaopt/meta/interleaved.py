@@ -8,7 +8,7 @@ Let ``z_t = (w_t, s_t)`` be a slot's fast weights and rule state (momenta, runni
 float tensors of the state) and ``z_{t+1} = Phi(z_t, theta; batch_t)`` one inner step. The
 meta-loss of an outer step is the loss after that step, ``L(w_{t+1})`` (``valid_*``: on the
 step's validation batch; ``train``: the step's own training batch re-evaluated), exactly as in
-:class:`metaopt.meta.nested.Nested` with ``truncation=1``.
+the nested scheme with ``truncation=1``.
 
 ``mode="forward"`` (exact sensitivities, real-time recurrent learning). Each slot carries the
 sensitivity ``S_t = dz_t/dtheta`` in ``slot.extra`` (keys ``sens.p.<param>`` and
@@ -33,7 +33,8 @@ the sensitivities start from zero there (a fresh run's ``w_0`` does not depend o
 
 ``mode="one_step"`` (greedy hypergradient). The sensitivity is truncated to the last step,
 ``S_t := 0`` before each step, so ``g_t = dL(w_{t+1})/dtheta`` with ``w_t`` and ``s_t`` held
-fixed -- one reverse-mode pass, the same as ``Nested(truncation=1)``, and the cost of one inner
+fixed -- one reverse-mode pass, the same as ``Nested(truncation=1)`` (both are the engine's
+``backprop_window``), and the cost of one inner
 step whatever the number of meta-parameters (the choice for ``mlp``). Its bias: it ignores how
 theta shaped ``w_t`` and the rule state through earlier steps, so it optimizes the one-step
 decrease of the loss. That is the short-horizon bias of Wu et al. (2018): learning rates are
@@ -51,10 +52,11 @@ from typing import Dict, List
 import torch
 from torch.func import jvp, vmap
 
-from metaopt.meta.nested import Nested, sample_window
-from metaopt.meta.schemes import Scheme, SchemeOutput, register_scheme
-from metaopt.meta.slots import Slot, group_by_signature, stack_dicts, unstack_dict
-from metaopt.meta.unroll import unroll
+from metaopt.meta.engine import (SlotGroup, backprop_window, mean_meta_gradient, run_slots,
+                                 stack_dicts)
+from metaopt.meta.schemes import Scheme, register_scheme
+from metaopt.meta.slots import Slot
+from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
 from metaopt.types import Params
 
 MODES = ("auto", "forward", "one_step")
@@ -89,7 +91,6 @@ class Interleaved(Scheme):
             raise ValueError(f"Invalid max_forward_params: {max_forward_params}")
         self.mode, self.max_forward_params = mode, int(max_forward_params)
         self.use_vmap = bool(use_vmap)
-        self._one_step = Nested(truncation=1, use_vmap=use_vmap)
 
     def config(self):
         return dict(mode=self.mode, max_forward_params=self.max_forward_params,
@@ -100,72 +101,58 @@ class Interleaved(Scheme):
             return self.mode
         return "forward" if num_meta_params(theta) <= self.max_forward_params else "one_step"
 
-    def meta_gradient(self, rule, theta, slots, meta_loss):
-        if self.resolve_mode(theta) == "one_step":
-            out = self._one_step.meta_gradient(rule, theta, slots, meta_loss)
-            out.extras = [{} for _ in slots]  # nothing is carried: the sensitivity is truncated
-            return out
+    def estimate(self, rule, theta, slots, meta_loss):
+        if self.resolve_mode(theta) == "one_step":  # nothing is carried: the sensitivity is truncated
+            outs = backprop_window(rule, theta, slots, 1, meta_loss, self.use_vmap)
+            return mean_meta_gradient(theta, outs), outs
         return self._forward(rule, theta, slots, meta_loss)
 
     # -- exact forward-mode sensitivities ----------------------------------------------------------
-    def _forward(self, rule, theta, slots: List[Slot], meta_loss: str) -> SchemeOutput:
+    def _forward(self, rule, theta, slots: List[Slot], meta_loss: MetaLoss):
         th = {k: v.detach() for k, v in theta.items()}
         basis = theta_basis(th)
-        need_valid = meta_loss.startswith("valid")
-        groups = group_by_signature(slots) if self.use_vmap else [[i] for i in range(len(slots))]
-        res = [None] * len(slots)
-        for idx in groups:
-            task = slots[idx[0]].task
-            state0 = slots[idx[0]].state
+        dims = (0, 0, 0, 0, 0, 0 if meta_loss.needs_valid else None)
+
+        def group_fn(g: SlotGroup):
+            state0 = g.slots[0].state
             fkeys = [k for k, v in state0.items() if v.is_floating_point() and k != "step"]
             okeys = [k for k in state0 if k not in fkeys]
-            data = [sample_window(slots[i], 1, need_valid) for i in idx]
-            n = len(idx)
-            bufs = stack_dicts([slots[i].task.buffers for i in idx]) if task.buffers else {}
-            so = stack_dicts([{k: slots[i].state[k] for k in okeys} for i in idx]) if okeys else {}
-            tb = tuple(torch.stack(x) for x in zip(*[d[0] for d in data]))
-            vb = tuple(torch.stack(x) for x in zip(*[d[1] for d in data])) if need_valid else None
+            sf0 = {k: g.state[k] for k in fkeys}
+            so = {k: g.state[k] for k in okeys}
 
             # Transform order matters: vmap over tangents, then jvp, then vmap over slots innermost
             # (jvp inside a slot-vmap breaks one_hot on the per-slot step counter).
             def group_step(p, sf, th_):
                 def one(p_, b_, sf_, so_, tb_, vb_):
-                    o = unroll(rule, th_, task.apply, p_, b_, {**sf_, **so_}, tb_, vb_, meta_loss)
+                    o = unroll(rule, th_, g.apply, p_, b_, {**sf_, **so_}, tb_, vb_, meta_loss)
                     return ((o.params, {k: o.state[k] for k in fkeys}, o.meta_loss),
                             ({k: o.state[k] for k in okeys}, o.train_loss))
-                return vmap(one, in_dims=(0, 0, 0, 0, 0, 0 if need_valid else None))(
-                    p, bufs, sf, so, tb, vb)
+                return g.vmap(one, in_dims=dims)(p, g.buffers, sf, so, g.train, g.valid)
 
             def tangent(zp, zs, zt):
-                return jvp(group_step, (p0, sf0, th), (zp, zs, zt), has_aux=True)
+                return jvp(group_step, (g.params, sf0, th), (zp, zs, zt), has_aux=True)
 
-            p0 = stack_dicts([slots[i].params for i in idx])
-            sf0 = stack_dicts([{k: slots[i].state[k] for k in fkeys} for i in idx]) if fkeys else {}
-            zp = stack_dicts([self._sens(slots[i], SENS_P, slots[i].params, basis) for i in idx])
-            zs = stack_dicts([self._sens(slots[i], SENS_S, {k: slots[i].state[k] for k in fkeys},
-                                         basis) for i in idx]) if fkeys else {}
+            zp = stack_dicts([self._sens(s, SENS_P, s.params, basis) for s in g.slots])
+            zs = stack_dicts([self._sens(s, SENS_S, {k: s.state[k] for k in fkeys}, basis)
+                         for s in g.slots])
             prim, tan, aux = vmap(tangent, in_dims=(1, 1, 0))(zp, zs, basis)
             # primal outputs do not depend on the tangent: drop its (replicated) batch dim
             first = lambda d: {k: v[0] for k, v in d.items()}
-            params, sfl, ml = first(prim[0]), first(prim[1]), prim[2][0]
-            sot, tl = first(aux[0]), aux[1][0]
             slot_major = lambda d: {k: v.movedim(0, 1) for k, v in d.items()}  # -> [K, P, ...]
-            tp, ts, tml = slot_major(tan[0]), slot_major(tan[1]), tan[2].movedim(0, 1)
-            per = [unstack_dict(d, n) if d else [{}] * n for d in (params, sfl, sot, tp, ts)]
-            for j, i in enumerate(idx):
-                extra = {SENS_P + k: v.clone() for k, v in per[3][j].items()}
-                extra.update({SENS_S + k: v.clone() for k, v in per[4][j].items()})
-                state = {k: (per[1][j][k] if k in fkeys else per[2][j][k]).clone() for k in state0}
-                res[i] = (ml[j], tl[j], {k: v.clone() for k, v in per[0][j].items()}, state,
-                          extra, tml[j])
-        g = torch.stack([r[5] for r in res]).mean(0)  # [P]: mean over slots
+            sfl, sot = first(prim[1]), first(aux[0])
+            extra = {SENS_P + k: v for k, v in slot_major(tan[0]).items()}
+            extra.update({SENS_S + k: v for k, v in slot_major(tan[1]).items()})
+            state = {k: (sfl[k] if k in fkeys else sot[k]) for k in state0}
+            out = UnrollOut(prim[2][0], aux[1][0], first(prim[0]), state, extra)
+            return out, tan[2].movedim(0, 1)  # and this slot's meta-gradient [P]
+
+        res = run_slots(slots, 1, meta_loss.needs_valid, group_fn, self.use_vmap)
+        g = torch.stack([r[1] for r in res]).mean(0)  # [P]: mean over slots
         grads, off = {}, 0
         for k, v in th.items():
             grads[k] = g[off:off + v.numel()].reshape(v.shape).to(v.dtype)
             off += v.numel()
-        return SchemeOutput(grads=grads, meta_losses=[float(r[0]) for r in res],
-                            train_losses=[float(r[1]) for r in res], params=[r[2] for r in res],
-                            states=[r[3] for r in res], extras=[r[4] for r in res], inner_steps=1)
+        return grads, [r[0] for r in res]
 
     @staticmethod
     def _sens(slot: Slot, prefix: str, like: Params, basis) -> Params:

@@ -8,8 +8,8 @@ so a checkpoint stores it exactly (the task is rebuilt from its integer seed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List
+from dataclasses import dataclass, field, replace
+from typing import Dict
 
 import torch
 from torch import Tensor
@@ -33,6 +33,12 @@ class Slot:
     def done(self) -> bool:
         return self.step >= self.horizon
 
+    def advanced(self, out, steps: int) -> "Slot":
+        """A new slot ``steps`` inner steps on: ``out``'s params, state and extra (an UnrollOut).
+        The batch generator is shared: drawing the window already advanced it."""
+        return replace(self, params=out.params, state=out.state, extra=dict(out.extra),
+                       step=self.step + int(steps))
+
 
 def new_slot(family: TaskFamily, rule, seed: int, horizon: int, dtype=None) -> Slot:
     task = family.sample_seeded(seed)
@@ -42,19 +48,3 @@ def new_slot(family: TaskFamily, rule, seed: int, horizon: int, dtype=None) -> S
         params = {k: v.to(dtype) for k, v in params.items()}
     return Slot(task=task, seed=int(seed), params=params, state=rule.init(params), gen=gen,
                 step=0, horizon=int(horizon))
-
-
-def group_by_signature(slots: List[Slot]) -> List[List[int]]:
-    """Indices of slots whose tasks can be vmapped together, in first-seen order."""
-    groups: Dict[object, List[int]] = {}
-    for i, s in enumerate(slots):
-        groups.setdefault(s.task.signature, []).append(i)
-    return list(groups.values())
-
-
-def stack_dicts(dicts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
-
-
-def unstack_dict(d: Dict[str, Tensor], n: int) -> List[Dict[str, Tensor]]:
-    return [{k: v[i] for k, v in d.items()} for i in range(n)]

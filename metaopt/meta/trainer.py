@@ -26,7 +26,7 @@ from metaopt.meta.checkpoint import (CheckpointError, atomic_dir_write, check_th
                                      read_json, save_rule, save_tensors, write_json)
 from metaopt.meta.schemes import Scheme
 from metaopt.meta.slots import Slot, new_slot
-from metaopt.meta.unroll import check_meta_loss
+from metaopt.meta.unroll import UnrollOut, check_meta_loss, get_meta_loss
 from metaopt.rules.base import Rule
 from metaopt.tasks.base import TaskFamily
 from metaopt.types import FlatSpec, Params
@@ -68,6 +68,7 @@ class MetaTrainer:
         self.rule, self.family, self.scheme, self.cfg = rule, family, scheme, cfg
         self.out_dir = Path(out_dir)
         self.resolved_config = resolved_config or {}
+        self.meta_loss = get_meta_loss(cfg.meta_loss)
         self.dtype = DTYPES[cfg.dtype]
         self.gen = torch.Generator().manual_seed(cfg.seed)
         probe = family.sample_seeded(cfg.seed)
@@ -152,30 +153,24 @@ class MetaTrainer:
 
     def train_step(self) -> Dict[str, float]:
         """One outer step: scheme meta-gradient, finite check, clipped outer update, slot resets."""
-        out = self.scheme.meta_gradient(self.rule, self.theta, self.slots, self.cfg.meta_loss)
+        out = self.scheme.meta_gradient(self.rule, self.theta, self.slots, self.meta_loss)
         self.outer_step += 1
         self.inner_steps += out.inner_steps * len(self.slots)
-        bad_slots = [i for i, (m, p) in enumerate(zip(out.meta_losses, out.params))
-                     if not math.isfinite(m) or not all(torch.isfinite(v).all() for v in p.values())]
+        bad_slots = [i for i, o in enumerate(out.outs) if not _finite(o)]
         grads_ok = all(torch.isfinite(g).all() for g in out.grads.values())
-        meta = sum(out.meta_losses) / len(out.meta_losses)
         grad_norm = float("nan")
         if bad_slots or not grads_ok:
-            # Skip the update; theta is untouched. Reset what diverged (everything if only the
-            # meta-gradient overflowed, since it cannot be attributed to one slot).
+            # Skip the update; theta and the healthy slots are untouched. Reset what diverged
+            # (everything if only the meta-gradient overflowed: it cannot be attributed to a slot).
             self.nonfinite += 1
             for i in (bad_slots or range(len(self.slots))):
                 self.slots[i] = self._fresh_slot()
         else:
             grad_norm = self._apply_grads(out.grads)
-            for i, s in enumerate(self.slots):
-                s.params, s.state, s.extra = out.params[i], out.states[i], out.extras[i]
-                s.step += out.inner_steps
-                if s.done:
-                    self.slots[i] = self._fresh_slot()
-        return {"outer_step": self.outer_step, "meta_loss": meta,
-                "train_loss": sum(out.train_losses) / len(out.train_losses),
-                "grad_norm": grad_norm, "nonfinite": self.nonfinite, "inner_steps": self.inner_steps}
+            self.slots = [self._fresh_slot() if s.done else s for s in out.slots]
+        return {"outer_step": self.outer_step, "meta_loss": _mean(out.meta_losses),
+                "train_loss": _mean(out.train_losses), "grad_norm": grad_norm,
+                "nonfinite": self.nonfinite, "inner_steps": self.inner_steps}
 
     def _apply_grads(self, grads: Dict[str, Tensor]) -> float:
         params = list(self.theta.values())
@@ -215,14 +210,7 @@ class MetaTrainer:
 
     def _trainer_state(self):
         tensors = {"rng.main": self.gen.get_state()}
-        osd = self.opt.state_dict()
-        opt_scalars = {}
-        for idx, st in osd["state"].items():
-            for name, v in st.items():
-                if isinstance(v, Tensor):
-                    tensors[f"opt.{idx}.{name}"] = v
-                else:
-                    opt_scalars[f"{idx}.{name}"] = v
+        optimizer = tree_to_json(self.opt.state_dict(), tensors, "opt")
         slots_meta = []
         for i, s in enumerate(self.slots):
             tensors[f"slot{i}.rng"] = s.gen.get_state()
@@ -232,9 +220,7 @@ class MetaTrainer:
             slots_meta.append({"seed": s.seed, "step": s.step, "horizon": s.horizon})
         meta = {"outer_step": self.outer_step, "inner_steps": self.inner_steps,
                 "nonfinite": self.nonfinite, "elapsed": self.elapsed, "slots": slots_meta,
-                "opt_param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                     for g in osd["param_groups"]],
-                "opt_scalars": opt_scalars, "theta_keys": list(self.theta),
+                "optimizer": optimizer, "theta_keys": list(self.theta),
                 "scheme": {"name": self.scheme.name, **self.scheme.config()},
                 "train": asdict(self.cfg)}
         return tensors, meta
@@ -244,6 +230,9 @@ class MetaTrainer:
         if not (d / "trainer.json").exists():
             raise CheckpointError(f"resume: no checkpoint at {d}")
         meta = read_json(d / "trainer.json")
+        if "optimizer" not in meta:
+            raise CheckpointError(f"{d}: trainer checkpoint of an older format (no 'optimizer' "
+                                  "entry) cannot be resumed; its rule still loads with load_rule")
         tensors = load_tensors(d / "trainer.safetensors")
         theta = load_tensors(d / "theta.safetensors")
         check_theta(theta, self.theta, where=str(d))
@@ -253,16 +242,7 @@ class MetaTrainer:
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(theta[k])
-        state = {}
-        for key, v in tensors.items():
-            if key.startswith("opt."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
-        for key, v in meta["opt_scalars"].items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-        groups = [dict(g, params=list(range(len(self.theta)))) for g in meta["opt_param_groups"]]
-        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        self.opt.load_state_dict(tree_from_json(meta["optimizer"], tensors))
         self.gen.set_state(tensors["rng.main"])
         self.outer_step, self.inner_steps = meta["outer_step"], meta["inner_steps"]
         self.nonfinite, self.elapsed = meta["nonfinite"], meta.get("elapsed", 0.0)
@@ -284,6 +264,44 @@ class MetaTrainer:
             slots.append(Slot(task=task, seed=sm["seed"], params=params, state=pick("state"),
                               gen=gen, step=sm["step"], horizon=sm["horizon"], extra=pick("extra")))
         self.slots = slots
+
+
+def tree_to_json(tree, tensors: Dict[str, Tensor], prefix: str):
+    """A JSON-able copy of nested dicts/lists/tuples/scalars (an optimizer's ``state_dict()``)
+    with every tensor moved into ``tensors`` under a path key. Exact: :func:`tree_from_json`
+    rebuilds the same tree, int dict keys and tuples included, without pickle."""
+    if isinstance(tree, Tensor):
+        tensors[prefix] = tree
+        return {"tensor": prefix}
+    if isinstance(tree, dict):
+        return {"dict": [[k, tree_to_json(v, tensors, f"{prefix}.{k}")] for k, v in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        items = [tree_to_json(v, tensors, f"{prefix}.{i}") for i, v in enumerate(tree)]
+        return {"tuple" if isinstance(tree, tuple) else "list": items}
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return {"value": tree}
+    raise TypeError(f"cannot store {type(tree).__name__} at {prefix!r} in a checkpoint")
+
+
+def tree_from_json(node, tensors: Dict[str, Tensor]):
+    (kind, v), = node.items()
+    if kind == "tensor":
+        return tensors[v]
+    if kind == "dict":
+        return {k: tree_from_json(x, tensors) for k, x in v}
+    if kind in ("list", "tuple"):
+        items = [tree_from_json(x, tensors) for x in v]
+        return tuple(items) if kind == "tuple" else items
+    return v
+
+
+def _finite(o: UnrollOut) -> bool:
+    return math.isfinite(float(o.meta_loss)) and all(bool(torch.isfinite(v).all())
+                                                     for v in o.params.values())
+
+
+def _mean(xs: List[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def _progress(total, initial, enabled):

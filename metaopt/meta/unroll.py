@@ -8,7 +8,8 @@ is exact second order, not first-order MAML).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -17,71 +18,109 @@ from torch.func import grad_and_value, vmap
 from metaopt.rules.base import Rule
 from metaopt.types import Batch, Params, State
 
-META_LOSSES = ("valid_mean", "valid_log_mean", "valid_last", "train", "train_log_mean")
-
-
 class UnrollOut(NamedTuple):
+    """One window of one slot's inner run (under vmap: of a stack of slots, leading dim K)."""
     meta_loss: Tensor   # scalar (per task under vmap)
     train_loss: Tensor  # mean inner training loss over the window (for logging)
     params: Params
     state: State
+    extra: Dict[str, Tensor] = {}  # scheme-carried tensors (sensitivities, PES particles); never mutated
+
+
+@dataclass(frozen=True)
+class MetaLoss:
+    """What a window is scored by: the loss after each inner step (or only the last), on the
+    step's validation batch or its own training batch re-evaluated, optionally in log space.
+    Chosen once by name (:func:`get_meta_loss`); every scheme calls it the same way."""
+    name: str
+    split: str        # "valid" | "train"
+    log: bool
+    last_only: bool
+
+    @property
+    def needs_valid(self) -> bool:
+        return self.split == "valid"
+
+    def __call__(self, apply_fn: Callable, params: Params, buffers: Params, train_batch: Batch,
+                 valid_batch: Optional[Batch]) -> Tensor:
+        """The loss after step t (``params`` = w_{t+1}), given step t's batches."""
+        loss = apply_fn(params, buffers, valid_batch if self.needs_valid else train_batch)
+        return torch.log(loss) if self.log else loss
+
+    def reads(self, t: int, T: int) -> bool:
+        return not self.last_only or t == T - 1
+
+
+#: ``valid_mean`` -- mean validation loss after each step (default); ``valid_log_mean`` -- mean log
+#: validation loss (weighs a late-training window, where the loss is small, as much as an early
+#: one: a relative rather than absolute improvement); ``valid_last`` -- validation loss after the
+#: last step; ``train`` -- mean loss of each step's own training batch re-evaluated after its
+#: update; ``train_log_mean`` -- the mean log of that loss: scale-free across tasks (its gradient
+#: equals that of the log loss normalized by the task's initial loss), the objective for rules
+#: meant to train any model fast.
+META_LOSSES: Dict[str, MetaLoss] = {m.name: m for m in (
+    MetaLoss("valid_mean", "valid", log=False, last_only=False),
+    MetaLoss("valid_log_mean", "valid", log=True, last_only=False),
+    MetaLoss("valid_last", "valid", log=False, last_only=True),
+    MetaLoss("train", "train", log=False, last_only=False),
+    MetaLoss("train_log_mean", "train", log=True, last_only=False),
+)}
+
+
+def get_meta_loss(meta_loss: Union[str, MetaLoss]) -> MetaLoss:
+    if isinstance(meta_loss, MetaLoss):
+        return meta_loss
+    if meta_loss not in META_LOSSES:
+        raise ValueError(f"Invalid meta_loss: {meta_loss!r} (use one of {', '.join(META_LOSSES)})")
+    return META_LOSSES[meta_loss]
 
 
 def check_meta_loss(name: str) -> str:
-    if name not in META_LOSSES:
-        raise ValueError(f"Invalid meta_loss: {name!r} (use one of {', '.join(META_LOSSES)})")
-    return name
+    return get_meta_loss(name).name
+
+
+def rule_step(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffers: Params,
+              state: State, batch: Batch):
+    """The rule's view of one inner step: gradient, then ``update``. Returns (updates, state, loss).
+    The continuous scheme reads it as a velocity; :func:`inner_step` applies it."""
+    if rule.needs_activations:
+        grads, (loss, stats) = grad_and_value(
+            lambda p: apply_fn(p, buffers, batch, stats=True), has_aux=True)(params)
+    else:
+        grads, loss = grad_and_value(lambda p: apply_fn(p, buffers, batch))(params)
+        stats = None
+    updates, state = rule.update(theta, grads, state, params, {"loss": loss, "act": stats})
+    return updates, state, loss
 
 
 def inner_step(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffers: Params,
                state: State, batch: Batch):
     """One step of the fast weights: gradient, rule update. Returns (params, state, loss)."""
-    if rule.needs_activations:
-        def f(p):
-            loss, stats = apply_fn(p, buffers, batch, stats=True)
-            return loss, stats
-        grads, (loss, stats) = grad_and_value(f, has_aux=True)(params)
-    else:
-        grads, loss = grad_and_value(lambda p: apply_fn(p, buffers, batch))(params)
-        stats = None
-    ctx = {"loss": loss, "act": stats}
-    updates, state = rule.update(theta, grads, state, params, ctx)
+    updates, state, loss = rule_step(rule, theta, apply_fn, params, buffers, state, batch)
     params = {k: params[k] + updates[k].to(params[k].dtype) for k in params}
     return params, state, loss
 
 
 def unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params, buffers: Params,
            state: State, batches: Batch, valid_batches: Optional[Batch],
-           meta_loss: str = "valid_mean", checkpoint: bool = False) -> UnrollOut:
-    """T inner steps (T = leading dim of ``batches``) and the meta-loss over the window.
+           meta_loss: Union[str, MetaLoss] = "valid_mean", checkpoint: bool = False) -> UnrollOut:
+    """T inner steps (T = leading dim of ``batches``) and the meta-loss over the window
+    (see :data:`META_LOSSES`).
 
-    meta_loss: ``valid_mean`` -- mean validation loss after each step (default);
-    ``valid_log_mean`` -- mean log validation loss (weighs a late-training window, where the loss
-    is small, as much as an early one: a relative rather than absolute improvement);
-    ``valid_last`` -- validation loss after the last step; ``train`` -- mean loss of each step's
-    own training batch re-evaluated after its update; ``train_log_mean`` -- the mean log of that
-    loss: scale-free across tasks (its gradient equals that of the log loss normalized by the
-    task's initial loss), the objective for rules meant to train any model fast.
     ``checkpoint=True`` recomputes each step in the backward pass instead of storing it
     (torch.utils.checkpoint): less memory for long windows, about one extra forward.
     """
+    ml = get_meta_loss(meta_loss)
+    step = _checkpointed_step if checkpoint else inner_step
     T = batches[0].shape[0]
     losses, train_losses = [], []
     for t in range(T):
         batch = tuple(b[t] for b in batches)
-        if checkpoint:
-            params, state, loss = _checkpointed_step(rule, theta, apply_fn, params, buffers, state, batch)
-        else:
-            params, state, loss = inner_step(rule, theta, apply_fn, params, buffers, state, batch)
+        params, state, loss = step(rule, theta, apply_fn, params, buffers, state, batch)
         train_losses.append(loss)
-        if meta_loss in ("valid_mean", "valid_log_mean") or (meta_loss == "valid_last" and t == T - 1):
-            vb = tuple(b[t] for b in valid_batches)
-            vl = apply_fn(params, buffers, vb)
-            losses.append(torch.log(vl) if meta_loss == "valid_log_mean" else vl)
-        elif meta_loss == "train":
-            losses.append(apply_fn(params, buffers, batch))
-        elif meta_loss == "train_log_mean":
-            losses.append(torch.log(apply_fn(params, buffers, batch)))
+        if ml.reads(t, T):
+            vb = tuple(b[t] for b in valid_batches) if ml.needs_valid else None
+            losses.append(ml(apply_fn, params, buffers, batch, vb))
     return UnrollOut(torch.stack(losses).mean(), torch.stack(train_losses).mean().detach(),
                      params, state)
 

@@ -1,0 +1,136 @@
+"""The vectorized slot engine: one window of every slot, same-signature slots as one vmapped call.
+
+learned_optimization's ``VectorizedTruncatedStep`` is the model. A scheme says what one *stacked*
+group of slots computes over a window (``group_fn``: anything whose tensors carry a leading slot
+dim, usually a :class:`~metaopt.meta.unroll.UnrollOut`); the engine does the rest, the same way
+for every scheme:
+
+1. group the slots by task signature (same architecture -> one vmapped call; others loop),
+2. draw each slot's window of batches from the slot's own generator (so a resumed checkpoint
+   draws the same batches, and a scheme may draw more -- ES noise -- after them),
+3. stack params, buffers, rule state and batches along a leading slot dim,
+4. call ``group_fn`` once per group and hand back one result per slot, in slot order.
+
+:meth:`SlotGroup.vmap` is the vmap over the slot dim; ES/PES put a vmap over their particles
+inside it, so perturbed runs of every slot are one batched call too.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from metaopt.meta.slots import Slot
+from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
+from metaopt.types import Batch, Params, State
+
+
+def sample_window(slot: Slot, T: int, need_valid: bool):
+    """T training batches (and T validation batches) from the slot's generator, stacked [T, ...]."""
+    batches = slot.task.sample_batches("train", T, slot.gen)
+    valid = slot.task.sample_batches("valid", T, slot.gen) if need_valid else None
+    return batches, valid
+
+
+def group_by_signature(slots: List[Slot]) -> List[List[int]]:
+    """Indices of slots whose tasks can be vmapped together, in first-seen order."""
+    groups: Dict[object, List[int]] = {}
+    for i, s in enumerate(slots):
+        groups.setdefault(s.task.signature, []).append(i)
+    return list(groups.values())
+
+
+def stack_dicts(dicts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]} if dicts else {}
+
+
+def tree_map(fn: Callable[[Tensor], Tensor], tree):
+    """``fn`` on every tensor of nested dicts / tuples / NamedTuples (other leaves kept)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(tree_map(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+class SlotGroup(NamedTuple):
+    """K same-signature slots, their current inner state and their window, stacked on dim 0."""
+    slots: List[Slot]
+    apply: Callable        # the group's loss function (one for all: same signature)
+    params: Params         # [K, ...]
+    buffers: Params        # [K, ...] ({} when the task has none)
+    state: State           # [K, ...]
+    train: Batch           # [K, T, ...]
+    valid: Optional[Batch]  # [K, T, ...] or None when the meta-loss reads no validation batch
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def vmap(self, fn: Callable, in_dims=0) -> Callable:
+        """``fn`` over the slot dim: ``torch.func.vmap``, or for a lone slot one plain call (what
+        an unbatched unroll computes, without vmap's overhead). Outputs get the slot dim either
+        way."""
+        if self.size > 1:
+            return vmap(fn, in_dims=in_dims)
+
+        def single(*args):
+            dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+            args = [a if d is None else tree_map(lambda t: t.select(d, 0), a)
+                    for a, d in zip(args, dims)]
+            return tree_map(lambda t: t.unsqueeze(0), fn(*args))
+        return single
+
+
+def stack_group(slots: List[Slot], T: int, need_valid: bool) -> SlotGroup:
+    windows = [sample_window(s, T, need_valid) for s in slots]
+    task = slots[0].task
+    stack = lambda parts: tuple(torch.stack(x) for x in zip(*parts))
+    return SlotGroup(slots=slots, apply=task.apply,
+                     params=stack_dicts([s.params for s in slots]),
+                     buffers=stack_dicts([s.task.buffers for s in slots]) if task.buffers else {},
+                     state=stack_dicts([s.state for s in slots]),
+                     train=stack([w[0] for w in windows]),
+                     valid=stack([w[1] for w in windows]) if need_valid else None)
+
+
+def run_slots(slots: List[Slot], T: int, need_valid: bool, group_fn: Callable[[SlotGroup], object],
+              use_vmap: bool = True) -> list:
+    """``group_fn`` over every signature group (singletons when ``use_vmap=False``); one result
+    per slot, in slot order (the slot dim indexed away)."""
+    results: list = [None] * len(slots)
+    groups = group_by_signature(slots) if use_vmap else [[i] for i in range(len(slots))]
+    for idx in groups:
+        out = group_fn(stack_group([slots[i] for i in idx], T, need_valid))
+        for j, i in enumerate(idx):
+            results[i] = tree_map(lambda t: t[j], out)
+    return results
+
+
+# -- the backprop estimator, shared by nested (a T-step window) and interleaved one-step (T = 1) --
+def backprop_window(rule, theta: Params, slots: List[Slot], T: int, meta_loss: MetaLoss,
+                    use_vmap: bool = True, checkpoint: bool = False) -> List[UnrollOut]:
+    """Per-slot :class:`UnrollOut` of a T-step window, differentiable w.r.t. theta."""
+    def group_fn(g: SlotGroup) -> UnrollOut:
+        fn = lambda p, b, s, tb, vb: unroll(rule, theta, g.apply, p, b, s, tb, vb, meta_loss,
+                                            checkpoint)
+        dims = (0, 0, 0, 0, 0 if meta_loss.needs_valid else None)
+        return g.vmap(fn, in_dims=dims)(g.params, g.buffers, g.state, g.train, g.valid)
+    return run_slots(slots, T, meta_loss.needs_valid, group_fn, use_vmap)
+
+
+def mean_meta_gradient(theta: Params, outs: List[UnrollOut]) -> Dict[str, Tensor]:
+    """d mean_slots(meta_loss) / d theta; zeros for entries that do not require (or get) a grad."""
+    total = torch.stack([o.meta_loss for o in outs]).mean()
+    keys = [k for k in theta if theta[k].requires_grad]
+    found = {}
+    if keys and total.requires_grad:
+        found = dict(zip(keys, torch.autograd.grad(total, [theta[k] for k in keys],
+                                                   allow_unused=True)))
+    return {k: found[k] if found.get(k) is not None else torch.zeros_like(theta[k]) for k in theta}
