@@ -1,0 +1,18 @@
+"""Fast-weight layers: weights programmed within a sequence by an update rule, fixed (sum,
+delta, Hebbian, TTT gradient descent) or learned (a small write network).
+
+``FastWeightRNN`` (Ba et al. 2016) and ``FastWeightProgrammer`` (Schlag et al. 2021) live in
+:mod:`~metaopt.fastweights.layers`; the write rules, recurrent and chunkwise, in
+:mod:`~metaopt.fastweights.rules`; the task models and training loops in ``models`` and
+``experiments`` (entry point ``metaopt-fastweights``)."""
+from metaopt.fastweights.layers import FastWeightProgrammer, FastWeightRNN
+from metaopt.fastweights.models import CapacityModel, RetrievalModel
+from metaopt.fastweights.rules import (CHUNKWISE_RULES, FEATURE_MAPS, RULES, WriteNet,
+                                       delta_chunkwise, delta_recurrent, feature_map,
+                                       hebbian_recurrent, learned_recurrent, sum_chunkwise,
+                                       sum_recurrent, ttt_recurrent)
+
+__all__ = ["FastWeightRNN", "FastWeightProgrammer", "CapacityModel", "RetrievalModel",
+           "RULES", "CHUNKWISE_RULES", "FEATURE_MAPS", "WriteNet", "feature_map",
+           "sum_recurrent", "sum_chunkwise", "delta_recurrent", "delta_chunkwise",
+           "hebbian_recurrent", "ttt_recurrent", "learned_recurrent"]
