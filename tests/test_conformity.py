@@ -414,3 +414,46 @@ def test_sgdhd_defaults_are_safe_on_torch_quadratic():
             end = closure().item()
             assert end == end and end < start
             assert opt.param_groups[0]["lr"] >= 0
+
+
+# -- a Lightning-style fine-tuning loop ----------------------------------------------------------------
+def _finetune_run(name, model, opt, steps, start=0, unfreeze_at=3, loss_hist=None):
+    """Lightning's BaseFinetuning pattern: layer b starts frozen and out of the optimizer; at
+    step ``unfreeze_at`` it is unfrozen and added as a new param group."""
+    for i in range(start, steps):
+        if i == unfreeze_at:
+            model.b.requires_grad_(True)
+            opt.add_param_group({"params": list(model.b.named_parameters(prefix="b"))})
+        loss = _step(name, model, opt, i)
+        if loss_hist is not None:
+            loss_hist.append(float(loss))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lightning_style_freeze_unfreeze_and_resume(name):
+    def fresh():
+        model = _net()
+        model.b.requires_grad_(False)
+        b0 = [p.detach().clone() for p in model.b.parameters()]
+        groups = [{"params": [(f"a.{n}", p) for n, p in model.a.named_parameters()]}]
+        return model, _make(name, model, groups=groups), b0
+
+    model, opt, b0 = fresh()
+    if isinstance(opt, LearnedOptimizer) and opt.rule.spec_dependent:
+        pytest.skip("spec-dependent rules cannot take new parameter groups")
+    _finetune_run(name, model, opt, 3)
+    assert all(torch.equal(p, q) for p, q in zip(b0, model.b.parameters()))  # frozen: untouched
+    _finetune_run(name, model, opt, 5, start=3)                             # unfrozen at 3
+    assert all(not torch.equal(p, q) for p, q in zip(b0, model.b.parameters()))
+    ckpt = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    _finetune_run(name, model, opt, 9, start=5)
+
+    # resume: rebuild model and optimizer as the loop would (b unfrozen, its group added), load
+    model2, opt2, _ = fresh()
+    model2.b.requires_grad_(True)
+    opt2.add_param_group({"params": list(model2.b.named_parameters(prefix="b"))})
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _reattach(opt2, model2)
+    _finetune_run(name, model2, opt2, 9, start=5)
+    _assert_params_equal(_params(model), _params(model2))
