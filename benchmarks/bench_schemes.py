@@ -42,7 +42,8 @@ import higher  # noqa: E402
 
 from metaopt.meta.continuous import Continuous  # noqa: E402
 from metaopt.meta.interleaved import Interleaved  # noqa: E402
-from metaopt.meta.nested import Nested, sample_window  # noqa: E402
+from metaopt.meta.engine import sample_window  # noqa: E402
+from metaopt.meta.nested import Nested  # noqa: E402
 from metaopt.meta.slots import new_slot  # noqa: E402
 from metaopt.rules import make_rule  # noqa: E402
 from metaopt.tasks import make_family  # noqa: E402
@@ -92,7 +93,7 @@ def run_interleaved(P: Problem, scheme: Interleaved):
     s, total = P.slot, None
     for _ in range(P.T):  # theta fixed: each call is one inner step and its exact meta-gradient
         out = scheme.meta_gradient(P.rule, P.theta, [s], META_LOSS)
-        s.params, s.state, s.extra = out.params[0], out.states[0], out.extras[0]
+        s = out.slots[0]
         g = out.grads["log_lr"]
         total = g if total is None else total + g
     return total / P.T

@@ -72,9 +72,8 @@ def cosine(a, b):
 
 def advance(slots, out):
     """What MetaTrainer does with a SchemeOutput when theta is held fixed."""
-    for i, s in enumerate(slots):
-        s.params, s.state, s.extra = out.params[i], out.states[i], out.extras[i]
-        s.step += out.inner_steps
+    assert [s.step for s in out.slots] == [s.step + out.inner_steps for s in slots]
+    slots[:] = out.slots
 
 
 def directional_fd_check(rule, scheme, meta_loss, eps=1e-5):
@@ -112,8 +111,13 @@ FD_CASES += [("nested", "adam", "valid_last"), ("rk4-adjoint-ends", "sgd_momentu
              ("rk4-adjoint", "sgd_momentum", "valid_log_mean")]
 
 
-@pytest.mark.parametrize("scheme_key,rule_key,meta_loss", FD_CASES,
-                         ids=[f"{s}-{r}-{m}" for s, r, m in FD_CASES])
+SLOW_FD = {("dopri5-adjoint", "layerwise_adam"), ("rk4-adjoint", "mlp")}  # ~5 s each
+FD_CASES = [pytest.param(s, r, m, id=f"{s}-{r}-{m}",
+                         marks=[pytest.mark.slow] if (s, r) in SLOW_FD else [])
+            for s, r, m in FD_CASES]
+
+
+@pytest.mark.parametrize("scheme_key,rule_key,meta_loss", FD_CASES)
 def test_meta_gradient_matches_finite_differences(scheme_key, rule_key, meta_loss):
     analytic, fd = directional_fd_check(rule_of(rule_key), FD_SCHEMES[scheme_key](), meta_loss)
     rel = abs(analytic - fd) / abs(fd)
@@ -322,6 +326,49 @@ def test_pes_first_truncation_is_es_and_particles_are_carried():
     # xi accumulates: the new sum minus the old one is this truncation's perturbation
     assert not torch.equal(out2.extras[0]["pes.xi"], x["pes.xi"])
     assert float(out2.extras[0]["pes.pos.s.step"][0]) == 6.0
+
+
+def test_pes_bookkeeping_equals_the_formula():
+    """xi after M truncations is the sum of the M perturbations drawn from the slot's generator
+    right after its window's batches; each truncation's estimate is
+    sum_i (L(pos_i) - L(neg_i)) xi_i / (2 N sigma^2), with the particles' losses recomputed here
+    by unrolling each carried particle with theta +- e_i on the same batches."""
+    from metaopt.meta.engine import sample_window
+    from metaopt.meta.es import flatten_theta, unflatten_theta
+    from metaopt.meta.unroll import unroll
+    rule = make_rule(*ES_RULE[:1], **ES_RULE[1])
+    theta = init_theta(rule)
+    th0 = flatten_theta(theta)
+    N, W, sigma = 3, 2, 0.05
+    pes, slots = PES(truncation=W, num_samples=N, sigma=sigma), make_slots(rule, 1)
+    xi = torch.zeros(N, th0.numel(), dtype=th0.dtype)
+    pos = [dict(slots[0].params) for _ in range(N)], [dict(slots[0].state) for _ in range(N)]
+    neg = [dict(slots[0].params) for _ in range(N)], [dict(slots[0].state) for _ in range(N)]
+    for _ in range(3):
+        s = slots[0]
+        twin = torch.Generator()
+        twin.set_state(s.gen.get_state())
+        probe = type(s)(task=s.task, seed=s.seed, params=s.params, state=s.state, gen=twin)
+        tb, vb = sample_window(probe, W, True)
+        e = (torch.randn((N, th0.numel()), generator=twin, dtype=torch.float64) * sigma)
+        xi = xi + e
+        out = pes.meta_gradient(rule, theta, slots, "valid_mean")
+        torch.testing.assert_close(out.extras[0]["pes.xi"], xi, rtol=0, atol=0)
+        L = {}
+        with torch.no_grad():
+            for sign, (ps, ss) in (("pos", pos), ("neg", neg)):
+                L[sign] = []
+                for i in range(N):
+                    th = unflatten_theta(th0 + (e[i] if sign == "pos" else -e[i]), theta)
+                    o = unroll(rule, th, s.task.apply, ps[i], s.task.buffers, ss[i], tb, vb)
+                    ps[i], ss[i] = o.params, o.state
+                    L[sign].append(o.meta_loss)
+                    torch.testing.assert_close(out.extras[0][f"pes.{sign}.p.w"][i], o.params["w"],
+                                               rtol=1e-12, atol=1e-14)
+        g = ((torch.stack(L["pos"]) - torch.stack(L["neg"]))[:, None] * xi).sum(0) / (
+            2 * N * sigma ** 2)
+        torch.testing.assert_close(flat(out.grads), g, rtol=1e-8, atol=1e-12)
+        advance(slots, out)
 
 
 # -- inside MetaTrainer ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 from metaopt.meta import MetaTrainer, TrainConfig, make_scheme
 from metaopt.meta.checkpoint import load_rule
+from metaopt.meta.nested import Nested
 from metaopt.rules import make_rule
 from metaopt.tasks.base import Task, TaskFamily
 from tests.helpers import TinyClassifier, TinyFamily, tiny_data
@@ -80,3 +81,52 @@ def test_nonfinite_inner_loss_is_skipped_counted_and_reset(tmp_path):
 def test_spec_dependent_rule_rejects_mixed_architectures(tmp_path):
     with pytest.raises(ValueError, match="share one parameter spec"):
         _trainer(tmp_path / "x", 2, rule_name="layerwise_lr", family=TinyFamily(hiddens=[4, 5, 6, 7]))
+
+
+class _PoisonSlot(Nested):
+    """Nested, but the window of the slots listed in ``poison`` ends with a NaN weight (or, with
+    ``poison_grads``, the meta-gradient overflows)."""
+
+    def __init__(self, poison=(), poison_grads=False, **kw):
+        super().__init__(**kw)
+        self.poison, self.poison_grads = set(poison), poison_grads
+
+    def estimate(self, rule, theta, slots, meta_loss):
+        grads, outs = super().estimate(rule, theta, slots, meta_loss)
+        for i in self.poison:
+            p = dict(outs[i].params)
+            k = next(iter(p))
+            p[k] = p[k].detach().clone()
+            p[k].view(-1)[0] = float("nan")
+            outs[i] = outs[i]._replace(params=p)
+        if self.poison_grads:
+            grads = {k: torch.full_like(v, float("inf")) for k, v in grads.items()}
+        return grads, outs
+
+
+@pytest.mark.parametrize("poison,poison_grads,expect_reset", [
+    ((1,), False, {1}),            # one slot diverged: only that slot is reset
+    ((0, 2), False, {0, 2}),
+    ((), True, {0, 1, 2}),         # the meta-gradient overflowed: no slot to blame, all reset
+])
+def test_skipped_nonfinite_step_keeps_theta_and_resets_exactly_the_offending_slots(
+        tmp_path, poison, poison_grads, expect_reset):
+    tr = _trainer(tmp_path, 3)
+    tr.train_step()  # one healthy step first, so the optimizer has state and slots have moved
+    tr.scheme = _PoisonSlot(poison, poison_grads, truncation=4)
+    theta = tr.theta_detached()
+    opt_state = {k: v.clone() for k, v in tr.opt.state_dict()["state"][0].items()}
+    before = list(tr.slots)
+    snap = [({k: v.clone() for k, v in s.params.items()}, s.step, s.seed) for s in before]
+    row = tr.train_step()
+    assert math.isnan(row["grad_norm"]) and tr.nonfinite == 1
+    for k in theta:  # bit-identical, and the outer optimizer did not step either
+        assert torch.equal(tr.theta[k].detach(), theta[k]), k
+    for k, v in tr.opt.state_dict()["state"][0].items():
+        assert torch.equal(v, opt_state[k]), k
+    for i, (s, (params, step, seed)) in enumerate(zip(tr.slots, snap)):
+        if i in expect_reset:
+            assert s is not before[i] and s.step == 0 and s.seed != seed and not s.extra
+        else:  # untouched: same object, same weights and step (the window is discarded)
+            assert s is before[i] and s.step == step
+            assert all(torch.equal(s.params[k], params[k]) for k in params)
