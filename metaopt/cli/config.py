@@ -85,6 +85,18 @@ class DigitsAEConf(TaskConf):
 
 
 @dataclass
+class AssocRetrievalConf(TaskConf):
+    family: str = "assoc_retrieval"   # Ba et al.'s associative retrieval, learned by a tanh RNN
+    num_pairs: int = 4
+    hidden: List[int] = field(default_factory=lambda: [20])
+    embed: int = 16
+    batch_sizes: List[int] = field(default_factory=lambda: [128])
+    init_scale: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    num_examples: int = 130000
+    split_seed: int = 0
+
+
+@dataclass
 class SuiteConf(TaskConf):
     family: str = "suite"
     problem: str = "wine_mlp"
@@ -299,7 +311,8 @@ def register_configs() -> None:
     for name, node in [("digits_mlp", DigitsMLPConf), ("digits_conv", DigitsConvConf),
                        ("logreg_cancer", LogRegConf), ("quadratic", QuadraticConf),
                        ("char_lm", CharLMConf), ("digits_ae", DigitsAEConf),
-                       ("suite", SuiteConf), ("mixture", MixtureConf)]:
+                       ("suite", SuiteConf), ("mixture", MixtureConf),
+                       ("assoc_retrieval", AssocRetrievalConf)]:
         cs.store(group="task", name=name, node=node)
     for name, node in [("sgd", SGDRuleConf), ("adam", AdamRuleConf), ("layerwise_lr", LayerwiseConf),
                        ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf),

@@ -19,6 +19,7 @@ from metaopt.tasks.autoencoder import AutoencoderTask, DigitsAEFamily
 from metaopt.tasks.rnn import GRULMTask
 from metaopt.tasks.mixture import MixtureFamily, ReparamTask
 from metaopt.tasks.suite import HELDOUT, SuiteFamily
+from metaopt.tasks.retrieval import AssocRetrievalFamily, RetrievalTask
 
 FAMILIES: Dict[str, Type[TaskFamily]] = {
     "quadratic": QuadraticFamily,
@@ -29,6 +30,7 @@ FAMILIES: Dict[str, Type[TaskFamily]] = {
     "digits_ae": DigitsAEFamily,
     "mixture": MixtureFamily,
     "suite": SuiteFamily,
+    "assoc_retrieval": AssocRetrievalFamily,
 }
 
 

@@ -8,15 +8,22 @@
   twice, the second time with a fresh value, in a new random order (``2N`` writes), and the
   model must return the most recent value. Then every key is queried once.
 
-All randomness flows from explicit ``torch.Generator`` objects.
+All randomness flows from explicit ``torch.Generator`` objects. ``AssocRetrievalFamily``
+(registered as ``assoc_retrieval``) makes the retrieval task a task family for
+``metaopt-train`` / ``metaopt-eval`` (learned by a plain tanh RNN).
 """
 from __future__ import annotations
 
+import functools
 import string
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from metaopt.tasks.base import ArrayDataset, TaskFamily, choice, log_uniform
+from metaopt.tasks.data import _resolve_dtype, as_choices, as_range, jsonable
+from metaopt.tasks.mlp import SupervisedModule, SupervisedTask
 
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
@@ -90,3 +97,86 @@ def capacity_batch(batch_size: int, num_keys: int, d_value: int = 8, setting: in
     eye = torch.eye(d_value)
     return {"write_keys": write_keys, "write_values": eye[write_ids],
             "query_keys": query_keys, "targets": eye[target_ids]}
+
+
+# -- a task family for metaopt-train / metaopt-eval -------------------------------------------------
+# A plain tanh RNN (the fast-weight layers live in metaopt.fastweights, which tasks/ must not
+# import), written as an explicit loop over Linear layers so that torch.func can vmap it.
+
+
+class RetrievalRNNModule(SupervisedModule):
+    """Embedding -> tanh RNN -> last state -> 10 digit logits; cross entropy."""
+
+    def __init__(self, hidden: int = 20, embed: int = 16):
+        super().__init__("ce")
+        self.embed = nn.Embedding(len(RETRIEVAL_VOCAB), embed)
+        self.inp = nn.Linear(embed, hidden)
+        self.rec = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, 10)
+
+    def outputs(self, x: Tensor) -> Tensor:
+        e = self.inp(self.embed(x))
+        h = torch.zeros_like(e[..., 0, :])
+        for t in range(x.shape[-1]):
+            h = torch.tanh(e[..., t, :] + self.rec(h))
+        return self.head(h)
+
+
+@functools.lru_cache(maxsize=4)
+def _retrieval_dataset(num_pairs: int, num_examples: int, split_seed: int) -> ArrayDataset:
+    x, y = make_retrieval(num_examples, num_pairs, torch.Generator().manual_seed(split_seed))
+    return ArrayDataset(x, y, fractions=(10 / 13, 1 / 13, 2 / 13), seed=split_seed,
+                        name=f"retrieval{num_pairs}")
+
+
+class RetrievalTask(SupervisedTask):
+    def __init__(self, data: ArrayDataset, hidden: int = 20, embed: int = 16,
+                 batch_size: int = 128, init_scale: float = 1.0, name: str = "assoc_retrieval",
+                 dtype=torch.float32):
+        if hidden < 1 or embed < 1:
+            raise ValueError(f"Invalid hidden/embed: {hidden}/{embed}")
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size}")
+        module = RetrievalRNNModule(hidden, embed).to(_resolve_dtype(dtype))
+        structure = ("assoc_retrieval", data.x["train"].shape[1], hidden, embed, int(batch_size))
+        super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
+                         structure=structure)
+
+
+class AssocRetrievalFamily(TaskFamily):
+    """Ba et al.'s associative retrieval (``num_pairs`` pairs, sequence ``2K + 3``) learned by a
+    tanh RNN; ``hidden`` and ``batch_sizes`` may be lists to sample from, ``init_scale`` a range.
+    ``num_examples`` sequences split 100/10/20 (Ba et al.'s 100k/10k/20k at the default 130k)."""
+
+    name = "assoc_retrieval"
+
+    def __init__(self, num_pairs: int = 4, hidden=(20,), embed: int = 16, batch_sizes=(128,),
+                 init_scale=(0.5, 2.0), num_examples: int = 130_000, split_seed: int = 0,
+                 dtype=torch.float32):
+        if not 1 <= int(num_pairs) <= len(LETTERS):
+            raise ValueError(f"Invalid num_pairs: {num_pairs} (need 1..{len(LETTERS)})")
+        if int(num_examples) < 13:
+            raise ValueError(f"Invalid num_examples: {num_examples}")
+        self.num_pairs, self.embed = int(num_pairs), int(embed)
+        self.hidden = as_choices(hidden, "hidden")
+        self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
+        self.init_scale = as_range(init_scale, "init_scale")
+        self.num_examples, self.split_seed = int(num_examples), int(split_seed)
+        self.dtype = _resolve_dtype(dtype)
+
+    @property
+    def data(self) -> ArrayDataset:
+        return _retrieval_dataset(self.num_pairs, self.num_examples, self.split_seed)
+
+    def sample(self, generator: torch.Generator) -> RetrievalTask:
+        hidden = choice(generator, self.hidden)
+        batch_size = choice(generator, self.batch_sizes)
+        init_scale = log_uniform(generator, *self.init_scale)
+        return RetrievalTask(self.data, hidden, self.embed, batch_size, init_scale,
+                             name=self.name, dtype=self.dtype)
+
+    def config(self) -> Dict[str, Any]:
+        return {"num_pairs": self.num_pairs, "hidden": list(self.hidden), "embed": self.embed,
+                "batch_sizes": list(self.batch_sizes), "init_scale": jsonable(self.init_scale),
+                "num_examples": self.num_examples, "split_seed": self.split_seed,
+                "dtype": jsonable(self.dtype)}
