@@ -85,10 +85,6 @@ def segment_mean(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
     return sums / counts
 
 
-def tree_detach(tree):
-    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
-
-
 def safe_sqrt(x: Tensor) -> Tensor:
     """sqrt with a zero (not NaN) gradient at 0: dead units give g = v = 0 exactly, and a plain
     sqrt's infinite derivative times that zero would poison the meta-gradient."""

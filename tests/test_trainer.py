@@ -130,3 +130,21 @@ def test_skipped_nonfinite_step_keeps_theta_and_resets_exactly_the_offending_slo
         else:  # untouched: same object, same weights and step (the window is discarded)
             assert s is before[i] and s.step == step
             assert all(torch.equal(s.params[k], params[k]) for k in params)
+
+
+def test_fixed_family_meta_trains_on_its_one_task(tmp_path):
+    """FixedFamily: every seed (every slot and every reset) gets the same task object."""
+    from metaopt.tasks.base import FixedFamily
+    made = []
+
+    def task_fn():
+        made.append(1)
+        return Task("tiny", TinyClassifier().double(), tiny_data(7), batch_size=16, structure=(6,))
+    fam = FixedFamily(task_fn, name="one")
+    assert fam.sample_seeded(1) is fam.sample_seeded(2) and len(made) == 1
+    tr = _trainer(tmp_path, 4, rule_name="sgd", family=fam)
+    theta0 = tr.theta_detached()
+    last = tr.run()
+    assert math.isfinite(last) and tr.nonfinite == 0 and len(made) == 1
+    assert all(s.task is fam.sample_seeded(0) for s in tr.slots)
+    assert not torch.equal(tr.theta["log_lr"].detach(), theta0["log_lr"])

@@ -108,11 +108,6 @@ class Rule:
         return f"{type(self).__name__}({args})"
 
 
-def step_of(state: State, like: Tensor) -> Tensor:
-    """The step counter as a float tensor on ``like``'s device/dtype."""
-    return state["step"].to(like.dtype)
-
-
 # -- helpers for ``step_`` implementations ---------------------------------------------------------
 def flat_views(flat: Tensor, spec: FlatSpec) -> List[Tensor]:
     """Views of a flat [N] tensor shaped like ``spec``'s tensors (no copies)."""
