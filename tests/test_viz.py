@@ -231,16 +231,16 @@ def test_plot_speedups(eval_rows, tmp_path):
         for i, curve in enumerate(arr):
             adam = np.minimum.accumulate(curves["adam@0.001"][i])
             hit = np.nonzero(adam <= curve[-1])[0]
-            rows.append(dict(task=f"seed {i}", optimizer=opt,
+            rows.append(dict(problem=f"seed {i}", optimizer=opt,
                              speedup=steps[-1] / max(steps[hit[0]], 1) if len(hit) else 1 / 4))
-    rows.append(dict(task="diverged", optimizer="learned", speedup="nan"))
+    rows.append(dict(problem="diverged", optimizer="learned", speedup="nan"))
     fig = plot_speedups(rows, tmp_path / "speed.png")
     _check_png(tmp_path / "speed.png")
     assert {"speedup over tuned Adam (steps, >1 = faster)", "task"} <= _labels(fig)
     assert any("IQM" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
     with pytest.raises(ValueError, match="speedup"):
-        plot_speedups([dict(task="a", optimizer="b")])
-    assert iqm([1, 2, 3, 100]) == 2.5
+        plot_speedups([dict(problem="a", optimizer="b")])
+    assert iqm([1, 2, 3, 100]) == 2.5 and iqm([1, 2, 3, 4, 100]) == 3.0
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +293,49 @@ def test_import_leaves_backend_alone():
 
 def teardown_module(module):
     plt.close("all")
+
+
+# -- (6) fast weights -------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["delta", "sum", "hebbian", "ttt", "learned"])
+def test_fast_weight_trace_matches_layer_state(rule):
+    from metaopt.fastweights import FastWeightProgrammer
+    from metaopt.viz import fast_weight_trace
+    torch.manual_seed(0)
+    layer = FastWeightProgrammer(5, d_key=4, d_value=3, n_heads=2, rule=rule, ttt_mini_batch=2).double()
+    x = torch.randn(1, 7, 5, dtype=torch.float64)
+    tr = fast_weight_trace(layer, x, head=1)
+    _, W = layer(x, return_state=True)
+    assert tr.W.shape == (7, 3, 4)
+    np.testing.assert_allclose(tr.W[-1], W[1].detach().numpy(), rtol=1e-12, atol=1e-12)
+    if rule == "delta":
+        beta = torch.sigmoid(layer.rate(x))[0, :, 1]
+        np.testing.assert_allclose(tr.strength, beta.detach().numpy(), rtol=1e-12)
+        # the delta rule's first write: W_1 = beta_1 v_1 k_1^T
+        q, k, v, r = layer.qkv(x)
+        np.testing.assert_allclose(tr.W[0], (beta[0] * torch.outer(v[1, 0], k[1, 0])).detach().numpy(),
+                                   rtol=1e-10, atol=1e-12)
+    if rule == "sum":
+        assert (tr.strength == 1).all()
+
+
+def test_plot_fast_weights_after_training(tmp_path):
+    from metaopt.fastweights import RetrievalModel
+    from metaopt.tasks.retrieval import decode_retrieval, make_retrieval
+    from metaopt.viz import fast_weight_trace, plot_fast_weights
+    torch.manual_seed(0)
+    model = RetrievalModel("fwp", hidden=8, embed=12, readout=16, rule="delta")
+    x, y = make_retrieval(64, num_pairs=3, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    tr = fast_weight_trace(model.core, model.embed(x[:1]))
+    text = decode_retrieval(x[0])
+    fig = plot_fast_weights(tr, tmp_path / "fw.png", tokens=list(text))
+    _check_png(tmp_path / "fw.png")
+    assert {"key feature", "value dimension", "position in sequence", "write strength"} <= _labels(fig)
+    with pytest.raises(ValueError, match="tokens"):
+        plot_fast_weights(tr, tokens=["a"])
+    with pytest.raises(TypeError, match="layer"):
+        fast_weight_trace(model, x[:1])

@@ -8,6 +8,7 @@ display matplotlib falls back to Agg by itself.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -130,14 +131,15 @@ def plot_eval_curves(curves: List[Dict], path) -> Path:
 
 
 # -- (3b) speedup over tuned Adam ------------------------------------------------------------------
-def plot_speedups(rows: Iterable[Mapping], path: Optional[PathLike] = None, task_key: str = "task",
+def plot_speedups(rows: Iterable, path: Optional[PathLike] = None, task_key: str = "problem",
                   optimizer_key: str = "optimizer", value_key: str = "speedup",
                   reference: float = 1.0, title: Optional[str] = None):
     """Speedup per task (one group of bars per task, one bar per optimizer, log x), with each
     optimizer's interquartile mean (IQM) over tasks in the legend and a line at ``reference``
     (1 = as fast as the reference). Missing or non-finite values (a diverged run) are drawn as
-    an ``x`` at the left edge."""
-    rows = list(rows)
+    an ``x`` at the left edge. ``rows``: dicts or dataclasses (e.g. metaopt-eval's speedup rows)
+    with the columns ``task_key``, ``optimizer_key``, ``value_key``."""
+    rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
     if not rows:
         raise ValueError("rows: empty")
     for k in (task_key, optimizer_key, value_key):
@@ -184,8 +186,8 @@ def iqm(values) -> float:
     v = np.sort(np.asarray(values, dtype=float))
     if v.size == 0:
         return float("nan")
-    lo, hi = int(np.floor(0.25 * v.size)), int(np.ceil(0.75 * v.size))
-    return float(v[lo:max(hi, lo + 1)].mean())
+    cut = int(0.25 * v.size)  # drop int(n/4) from each end (as metaopt.meta.speedup.iqm)
+    return float(v[cut:v.size - cut].mean())
 
 
 # -- (1) learned schedules and effective step sizes -------------------------------------------------
