@@ -275,3 +275,23 @@ def test_cli_prints_table(tmp_path, capsys):
     assert len(rows) == 2 and out.exists()
     text = capsys.readouterr().out
     assert "| rule" in text and "delta" in text
+
+
+def test_learned_rule_saved_and_reused_at_another_size(tmp_path):
+    path = str(tmp_path / "rule.safetensors")
+    row = train_capacity("learned", num_keys=3, d_key=4, d_value=3, max_steps=3, eval_every=3,
+                         batch_size=2, lr=0.1, log=lambda *a: None, feature_map="elu1",
+                         save_rule=path)
+    from safetensors.torch import load_file
+    saved = load_file(path)
+    assert float(saved["b"]) != 0.0  # trained away from the sum-rule start
+    torch.manual_seed(0)
+    model = CapacityModel(7, "learned", d_key=4, d_value=3, feature_map="elu1")
+    from metaopt.fastweights.experiments import _load_write_net
+    _load_write_net(model, path)
+    for k, v in model.fwp.write_net.state_dict().items():
+        assert torch.equal(v, saved[k])
+    with pytest.raises(ValueError, match="init_rule"):
+        train_capacity("delta", num_keys=3, d_key=4, max_steps=1, init_rule=path,
+                       log=lambda *a: None)
+    assert row["steps"] == 3

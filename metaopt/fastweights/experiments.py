@@ -80,11 +80,18 @@ def train_capacity(rule: str = "delta", num_keys: int = 20, setting: int = 2, d_
                    d_value: int = 8, lr: float = 3e-3, batch_size: int = 32,
                    max_steps: int = 5000, max_seconds: float = math.inf, eval_every: int = 250,
                    target_loss: float = 0.0, seed: int = 0, log=print,
+                   init_rule: Optional[str] = None, save_rule: Optional[str] = None,
                    **model_kwargs) -> Dict[str, Any]:
     """Train one rule on Schlag et al.'s capacity task; returns a result row with the test MSE
-    (fresh random bindings, 1024 sequences) of the best validation checkpoint."""
+    (fresh random bindings, 1024 sequences) of the best validation checkpoint.
+
+    For the ``learned`` rule, ``init_rule`` starts the write network from a safetensors file
+    (written by ``save_rule`` after an earlier run, e.g. at a smaller ``num_keys``); the
+    embeddings and projections always start fresh."""
     torch.manual_seed(seed)
     model = CapacityModel(num_keys, rule, d_key=d_key, d_value=d_value, **model_kwargs)
+    if init_rule:
+        _load_write_net(model, init_rule)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
     valid = capacity_batch(512, num_keys, d_value, setting, torch.Generator().manual_seed(10**6))
@@ -114,11 +121,36 @@ def train_capacity(rule: str = "delta", num_keys: int = 20, setting: int = 2, d_
     seconds = time.perf_counter() - t0
     if best[1] is not None:
         model.load_state_dict(best[1])
+    if save_rule:
+        _save_write_net(model, save_rule)
     return {"task": "capacity", "rule": rule, "num_keys": num_keys, "setting": setting,
             "d_key": d_key, "d_value": d_value, "test_loss": evaluate(test),
             "valid_loss": best[0], "best_step": best[2], "steps": step,
             "seconds": round(seconds, 1), "lr": lr, "batch_size": batch_size, "seed": seed,
-            **model_kwargs}
+            "init_rule": init_rule, **model_kwargs}
+
+
+def _write_net(model: CapacityModel):
+    if model.fwp.write_net is None:
+        raise ValueError(f"init_rule/save_rule need rule='learned' (got {model.fwp.rule!r})")
+    return model.fwp.write_net
+
+
+def _save_write_net(model: CapacityModel, path: str) -> None:
+    from safetensors.torch import save_file
+    net = _write_net(model)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, path,
+              metadata={"hidden": str(net.fc1.out_features)})
+
+
+def _load_write_net(model: CapacityModel, path: str) -> None:
+    from safetensors.torch import load_file
+    net = _write_net(model)
+    state = load_file(path)
+    if {k: tuple(v.shape) for k, v in state.items()} != \
+            {k: tuple(v.shape) for k, v in net.state_dict().items()}:
+        raise ValueError(f"Invalid init_rule: {path!r} does not hold a write network of this size")
+    net.load_state_dict(state)
 
 
 def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
@@ -179,6 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     c.add_argument("--eval-every", type=int, default=250)
     c.add_argument("--target-loss", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--init-rule", default=None, help="learned rule: start the write network "
+                   "from this safetensors file")
+    c.add_argument("--save-rule", default=None, help="learned rule: save the trained write "
+                   "network here (safetensors)")
     for s in (r, c):
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--out", default=None, help="write the result rows as JSON here")
@@ -203,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 rows.append(train_capacity(rule, n, a.setting, a.d_key, a.d_value, a.lr,
                                            a.batch_size, a.max_steps, a.max_seconds,
                                            a.eval_every, a.target_loss, a.seed,
+                                           init_rule=a.init_rule, save_rule=a.save_rule,
                                            feature_map=a.feature_map, dpfp_nu=a.dpfp_nu,
                                            mode=_mode(a.mode, rule)))
                 _save(rows, a.out)
