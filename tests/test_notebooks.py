@@ -2,7 +2,6 @@
 settings (METAOPT_NB_SMALL=1); a cell error fails the test. The same runner regenerates the
 stored notebooks: ``python notebooks/run_all.py``."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ run_all = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_all)
 
 NB = run_all.notebooks()
-SLOW = {"03_discretizations.ipynb"}  # a hydra multirun + metaopt-report in subprocesses (~20 s)
+SLOW = {"03_discretizations.ipynb"}  # a hydra multirun + metaopt-report in subprocesses (25-55 s): --run-slow
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
@@ -30,8 +29,8 @@ def test_notebook_executes(path, tmp_path):
 
 
 def test_notebooks_stored_with_outputs_and_figures():
-    assert [p.name for p in NB][:4] == ["01_quickstart.ipynb", "02_learned_rate_schedules.ipynb",
-                                        "03_discretizations.ipynb", "04_new_task.ipynb"]
+    assert [p.name for p in NB] == ["01_quickstart.ipynb", "02_learned_rate_schedules.ipynb",
+                                    "03_discretizations.ipynb", "04_new_task.ipynb", "05_fast_weights.ipynb"]
     for path in NB:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -46,11 +45,10 @@ def test_notebooks_stored_with_outputs_and_figures():
 
 
 def test_broken_cell_fails(tmp_path):
-    nb = json.loads(NB[0].read_text())
-    nb["cells"].insert(0, {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                           "source": "raise RuntimeError('deliberately broken cell')"})
+    nb = nbformat.read(NB[0], as_version=4)  # a temporary copy of 01 with a failing first cell
+    nb.cells.insert(0, nbformat.v4.new_code_cell("raise RuntimeError('deliberately broken cell')"))
     broken = tmp_path / "99_broken.ipynb"
-    broken.write_text(json.dumps(nb))
+    nbformat.write(nb, broken)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="deliberately broken"):
         run_all.execute(broken, small=True, workdir=tmp_path)
 
