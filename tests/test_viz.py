@@ -240,6 +240,10 @@ def test_plot_speedups(eval_rows, tmp_path):
     assert any("IQM" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
     with pytest.raises(ValueError, match="speedup"):
         plot_speedups([dict(problem="a", optimizer="b")])
+    seeded = [dict(problem="p", seed=s, optimizer="o", speedup=1.0 + s) for s in (0, 1)]
+    fig = plot_speedups(seeded)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["p (seed 0)", "p (seed 1)"]
+    plt.close(fig)
     assert iqm([1, 2, 3, 100]) == 2.5 and iqm([1, 2, 3, 4, 100]) == 3.0
 
 

@@ -83,7 +83,8 @@ def plot_loss_curves(curves: Mapping[str, np.ndarray], steps: Optional[Sequence[
     steps = np.arange(n) if steps is None else np.asarray(steps, dtype=float)
     if len(steps) != n:
         raise ValueError(f"steps: {len(steps)} values for curves of length {n}")
-    if ax is None:
+    own = ax is None
+    if own:
         _, ax = plt.subplots(figsize=(6, 3.8))
     for name, arr in arrays.items():
         _band(ax, steps, arr, name, band, lw=2.2 if name in highlight else 1.3)
@@ -94,7 +95,8 @@ def plot_loss_curves(curves: Mapping[str, np.ndarray], steps: Optional[Sequence[
     if title:
         ax.set_title(title)
     ax.legend(fontsize=7)
-    return _finish(ax.figure, path)
+    # on a caller's axes, layout is the caller's business (one tight_layout per panel is slow)
+    return _finish(ax.figure, path) if own or path is not None else ax.figure
 
 
 def curves_from_rows(rows: Iterable[Mapping], family: Optional[str] = None, value: str = "valid_loss",
@@ -138,13 +140,18 @@ def plot_speedups(rows: Iterable, path: Optional[PathLike] = None, task_key: str
     optimizer's interquartile mean (IQM) over tasks in the legend and a line at ``reference``
     (1 = as fast as the reference). Missing or non-finite values (a diverged run) are drawn as
     an ``x`` at the left edge. ``rows``: dicts or dataclasses (e.g. metaopt-eval's speedup rows)
-    with the columns ``task_key``, ``optimizer_key``, ``value_key``."""
+    with the columns ``task_key``, ``optimizer_key``, ``value_key``; when a task appears with
+    several ``seed`` values, each (task, seed) gets its own group."""
     rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
     if not rows:
         raise ValueError("rows: empty")
     for k in (task_key, optimizer_key, value_key):
         if k not in rows[0]:
             raise ValueError(f"rows: no column {k!r} (have {', '.join(rows[0])})")
+    keys = [(str(r[task_key]), str(r[optimizer_key])) for r in rows]
+    if len(set(keys)) < len(keys) and all("seed" in r for r in rows):  # several seeds per task
+        for r in rows:
+            r[task_key] = f"{r[task_key]} (seed {r['seed']})"
     tasks = list(dict.fromkeys(str(r[task_key]) for r in rows))
     opts = list(dict.fromkeys(str(r[optimizer_key]) for r in rows))
     val = {(str(r[task_key]), str(r[optimizer_key])): _float(r[value_key]) for r in rows}
