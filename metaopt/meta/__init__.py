@@ -4,11 +4,12 @@ from metaopt.meta.nested import Nested
 from metaopt.meta.interleaved import Interleaved
 from metaopt.meta.continuous import Continuous
 from metaopt.meta.es import ES, PES
-from metaopt.meta.unroll import inner_step, unroll
+from metaopt.meta.unroll import META_LOSSES, MetaLoss, UnrollOut, inner_step, unroll
+from metaopt.meta.engine import SlotGroup, run_slots
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 from metaopt.meta.checkpoint import CheckpointError, load_rule, save_rule
 
 __all__ = ["SCHEMES", "Scheme", "SchemeOutput", "make_scheme", "register_scheme", "Nested",
-           "Interleaved", "Continuous", "ES", "PES",
-           "inner_step", "unroll", "MetaTrainer", "TrainConfig", "CheckpointError", "load_rule",
-           "save_rule"]
+           "Interleaved", "Continuous", "ES", "PES", "META_LOSSES", "MetaLoss", "UnrollOut",
+           "SlotGroup", "run_slots", "inner_step", "unroll", "MetaTrainer", "TrainConfig",
+           "CheckpointError", "load_rule", "save_rule"]

@@ -5,8 +5,9 @@ slots each carry one inner run across truncations. What makes it robust:
 
 * non-finite inner loss / meta-loss / meta-gradient: the update is skipped (theta untouched),
   the offending slots are reset with fresh tasks, and the event is counted (``nonfinite``);
-* checkpoints every ``checkpoint_every`` outer steps hold theta, the outer optimizer, every RNG
-  state and every slot (params, rule state, counters, batch generator), so ``resume=True``
+* checkpoints every ``checkpoint_every`` outer steps hold theta, the outer optimizer (its own
+  ``state_dict()``: tensors in safetensors, the rest in JSON, no pickle), every RNG state and
+  every slot (params, rule state, counters, batch generator), so ``resume=True``
   continues exactly where the last checkpoint was taken and reaches the same theta as a run
   that was never interrupted.
 """
