@@ -135,6 +135,19 @@ def test_response_surface_spec_dependent_rule_needs_template():
         np.testing.assert_allclose(s.updates[si], -lr * np.array([[-1.0, 2.0]] * 2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(metaopt.rules.RULES))
+def test_response_surface_every_registered_rule(name):
+    """Any rule, through its public update only (spec-dependent rules with a params template)."""
+    from metaopt.types import FlatSpec
+    rule = make_rule(name)
+    params = {"w": torch.zeros(6, 7), "b": torch.zeros(6)} if rule.spec_dependent else None
+    theta = rule.init_theta(FlatSpec.of(params) if params else None, torch.Generator().manual_seed(0))
+    s = response_surface(rule, theta, grads=np.linspace(-0.1, 0.1, 7), momenta=(-0.1, 0.0, 0.1),
+                         steps=(0, 3), params=params)
+    assert s.updates.shape == (2, 3, 7) and np.isfinite(s.updates).all()
+    assert np.ptp(s.updates[1]) > 0  # the update depends on the gradient or its history
+
+
 # -- figures from tiny real runs --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def learned_log():
