@@ -295,3 +295,17 @@ def test_learned_rule_saved_and_reused_at_another_size(tmp_path):
         train_capacity("delta", num_keys=3, d_key=4, max_steps=1, init_rule=path,
                        log=lambda *a: None)
     assert row["steps"] == 3
+
+
+def test_benchmark_script_runs_and_forms_agree():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fastweights.py"
+    spec = importlib.util.spec_from_file_location("bench_fastweights", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    rows = mod.run(lengths=(12,), dim=4, batch=2, chunk=5, repeats=1)
+    assert {r["rule"] for r in rows} == {"sum", "delta"}
+    assert all(r["max_abs_diff"] < 1e-4 and r["ratio"] > 0 for r in rows)
