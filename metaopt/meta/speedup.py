@@ -72,6 +72,20 @@ def _eval_batch(task: Task, max_examples: int):
     return tuple(b[:max_examples] for b in batch)
 
 
+def eval_grid(steps: int, eval_every: int) -> List[int]:
+    """The steps at which a run's training loss is recorded (step 0 = the init)."""
+    grid = list(range(0, steps + 1, eval_every))
+    return grid + ([steps] if steps % eval_every else [])
+
+
+def _on_grid(c: Curve, steps: int, eval_every: int) -> Curve:
+    """``c`` on the standard grid (a diverged run's missing points are +inf)."""
+    at = dict(zip(c.steps, c.losses))
+    grid = eval_grid(steps, eval_every)
+    c.steps, c.losses = grid, [at.get(s, math.inf) for s in grid]
+    return c
+
+
 def train_curve(task: Task, make_opt: Callable, steps: int, seed: int, eval_every: int = 10,
                 eval_examples: int = 1024, valid_steps: Sequence[int] = (),
                 name: str = "opt") -> Curve:
@@ -102,23 +116,24 @@ def train_curve(task: Task, make_opt: Callable, steps: int, seed: int, eval_ever
         loss = opt.step(closure)
         if loss is not None and not math.isfinite(float(torch.as_tensor(loss).detach())):
             diverged = True
-        if t % eval_every == 0 or t == steps or diverged:
+            break
+        if t % eval_every == 0 or t == steps:
             with torch.no_grad():
                 v = float(task.loss(params, eval_b))
+            if not math.isfinite(v):
+                diverged = True
+                break
             xs.append(t)
-            ys.append(v if math.isfinite(v) else math.inf)
-            diverged = diverged or not math.isfinite(v)
-        if t in valid_steps and not diverged:
+            ys.append(v)
+        if t in valid_steps:
             with torch.no_grad():
                 valid[str(t)] = float(task.loss(params, valid_b))
-        if diverged:
-            break
     if hasattr(opt, "close"):
         opt.close()
-    if diverged:
-        last = xs[-1]
-        xs += list(range(last - last % eval_every + eval_every, steps + 1, eval_every))
-        ys += [math.inf] * (len(xs) - len(ys))
+    if diverged:  # the rest of the evaluation grid is +inf (same grid as a finished run)
+        rest = [s for s in eval_grid(steps, eval_every) if s > xs[-1]]
+        xs += rest
+        ys += [math.inf] * len(rest)
     return Curve(name, task.name, int(seed), xs, ys, valid, diverged, time.perf_counter() - t0)
 
 
@@ -168,7 +183,7 @@ def adam_curves(task: Task, problem: str, seed: int, steps: int, lrs: Sequence[f
             key = _cache_key(problem, seed, lr, steps, eval_every, eval_examples)
             path = Path(cache_dir) / f"adam_{problem}_{seed}_{lr:g}_{key}.json"
             if path.exists():
-                out.append(Curve(**json.loads(path.read_text())))
+                out.append(_on_grid(Curve(**json.loads(path.read_text())), steps, eval_every))
                 continue
         c = train_curve(task, lambda named, lr=lr: torch.optim.Adam([p for _, p in named], lr=lr),
                         steps, seed, eval_every, eval_examples, valid_steps=(valid_step,),
