@@ -161,6 +161,17 @@ def test_fast_weight_rnn_gradients_match_finite_differences():
     _gradcheck_module(layer, torch.randn(2, 4, 3))
 
 
+def test_fast_weight_rnn_attention_form_equals_matrix_form():
+    torch.manual_seed(0)
+    layer = FastWeightRNN(5, 6, decay=0.9, fast_lr=0.7, inner_steps=3).double()
+    x = torch.randn(3, 7, 5, dtype=D)
+    h0 = torch.randn(3, 6, dtype=D)
+    ref = layer(x, h0)
+    layer.form = "attention"
+    torch.testing.assert_close(layer(x, h0), ref, atol=1e-12, rtol=0)
+    _gradcheck_module(layer, torch.randn(2, 4, 5))
+
+
 LAYER_CASES = [
     dict(rule="sum"), dict(rule="sum", mode="chunkwise", chunk_size=2),
     dict(rule="delta"), dict(rule="delta", mode="chunkwise", chunk_size=2),
@@ -208,6 +219,8 @@ def test_bad_layer_arguments_name_the_argument(kwargs, word):
 def test_bad_arguments_elsewhere():
     with pytest.raises(ValueError, match="decay"):
         FastWeightRNN(3, 4, decay=1.5)
+    with pytest.raises(ValueError, match="form"):
+        FastWeightRNN(3, 4, form="sparse")
     with pytest.raises(ValueError, match="inner_steps"):
         FastWeightRNN(3, 4, inner_steps=-1)
     with pytest.raises(ValueError, match="core"):

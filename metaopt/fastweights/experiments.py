@@ -193,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     r.add_argument("--target-error", type=float, default=0.0)
     r.add_argument("--train-size", type=int, default=100_000)
     r.add_argument("--rule", default="delta", choices=RULES, help="rule of the fwp core")
+    r.add_argument("--form", default="attention", choices=["matrix", "attention"],
+                   help="FastWeightRNN computation (equal results; attention is cheaper)")
     r.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("capacity", help="Schlag et al. capacity task (loss table)")
     c.add_argument("--rules", nargs="+", default=["sum", "delta", "learned"], choices=RULES)
@@ -226,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for hidden in a.hidden:
             for core in a.cores:
                 kw = {"rule": a.rule} if core == "fwp" else {}
+                if core == "fastweights":
+                    kw = {"form": a.form}
                 rows.append(train_retrieval(core, hidden, a.num_pairs, a.lr, a.batch_size,
                                             a.max_steps, a.max_seconds, a.eval_every,
                                             a.target_error, a.seed, sizes=sizes, **kw))

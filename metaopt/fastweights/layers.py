@@ -26,8 +26,11 @@ class FastWeightRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, decay: float = 0.95,
                  fast_lr: float = 0.5, inner_steps: int = 1, layer_norm: bool = True,
-                 w_init: float = 0.05):
+                 w_init: float = 0.05, form: str = "matrix"):
         super().__init__()
+        if form not in ("matrix", "attention"):
+            raise ValueError(f"Invalid form: {form!r} (use 'matrix' or 'attention')")
+        self.form = form
         if hidden_size < 1:
             raise ValueError(f"Invalid hidden_size: {hidden_size}")
         if not 0.0 <= decay <= 1.0:
@@ -43,6 +46,11 @@ class FastWeightRNN(nn.Module):
         self.ln = nn.LayerNorm(hidden_size) if layer_norm else nn.Identity()
 
     def forward(self, x: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+        """``form="matrix"`` keeps ``A`` (the reference); ``form="attention"`` never builds it:
+        ``A(t) h = eta sum_tau lambda^(t - tau) h(tau) (h(tau) . h)`` over the past states,
+        cheaper while ``t < hidden_size`` (Ba et al. Sec. 3.1). Both are tested equal."""
+        if self.form == "attention":
+            return self._forward_attention(x, h0)
         B, T, _ = x.shape
         h = x.new_zeros(B, self.hidden_size) if h0 is None else h0
         A = x.new_zeros(B, self.hidden_size, self.hidden_size)
@@ -56,6 +64,27 @@ class FastWeightRNN(nn.Module):
                 hn = F.relu(self.ln(pre + torch.bmm(A, hn.unsqueeze(-1)).squeeze(-1)))
             h = hn
             hs.append(h)
+        return torch.stack(hs, 1)
+
+    def _forward_attention(self, x: Tensor, h0: Optional[Tensor]) -> Tensor:
+        B, T, _ = x.shape
+        h = x.new_zeros(B, self.hidden_size) if h0 is None else h0
+        cx = self.C(x)
+        past = [h]                                  # h(1..t): the states A(t) is built from
+        hs = []
+        for t in range(T):
+            P = torch.stack(past, 1)                # (B, t+1, R)
+            n = P.shape[1]
+            c = self.fast_lr * self.decay ** torch.arange(n - 1, -1, -1, dtype=x.dtype,
+                                                          device=x.device)
+            pre = h @ self.W.T + cx[:, t]
+            hn = F.relu(pre)
+            for _ in range(self.inner_steps):
+                att = torch.bmm(P, hn.unsqueeze(-1)).squeeze(-1) * c      # (B, t+1)
+                hn = F.relu(self.ln(pre + torch.bmm(att.unsqueeze(1), P).squeeze(1)))
+            h = hn
+            hs.append(h)
+            past.append(h)
         return torch.stack(hs, 1)
 
 
