@@ -20,7 +20,7 @@ from torch import nn
 
 from metaopt.optim import (IDBD, SGDHD, SLRLA, AdamHD, Autostep, LearnedOptimizer, Lookahead,
                            Lookbehind)
-from metaopt.rules import make_rule
+from metaopt.rules import RULES, make_rule
 
 DT = torch.float64
 
@@ -80,6 +80,8 @@ CASES = {
         ps, rule=make_rule("mlp", hidden_size=4, loss_features=True)), False, True, False),
     "LearnedOptimizer[mlp-act]": (lambda ps, m: LearnedOptimizer(
         ps, rule=make_rule("mlp", hidden_size=4, act_features=True), model=m), False, True, False),
+    "LearnedOptimizer[layerwise_lr]": (lambda ps, m: LearnedOptimizer(
+        ps, rule=make_rule("layerwise_lr", lr=0.05, num_steps=4, direction="adam")), False, True, False),
     "Lookahead": (lambda ps, m: Lookahead(torch.optim.SGD(ps, lr=0.05, momentum=0.9), k=2),
                   False, True, False),
     "Lookahead[Adam,pullback]": (lambda ps, m: Lookahead(ps, inner=torch.optim.Adam, lr=1e-2, k=2,
@@ -93,6 +95,9 @@ CASES = {
     "IDBD": (lambda ps, m: IDBD(ps, lr=0.05), False, False, True),
     "Autostep": (lambda ps, m: Autostep(ps, lr=0.05), False, False, True),
 }
+if "pertensor" in RULES:  # the per-tensor learned rule (fresh theta), when this checkout has it
+    CASES["LearnedOptimizer[pertensor]"] = (
+        lambda ps, m: LearnedOptimizer(ps, rule=make_rule("pertensor")), False, True, False)
 NAMES = list(CASES)
 
 
