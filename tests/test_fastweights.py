@@ -106,6 +106,16 @@ def test_learned_rule_starts_as_beta_times_sum_and_can_express_delta():
     torch.testing.assert_close(y, R.delta_recurrent(q, k, v, beta, W0)[0], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("rule", ["delta", "ttt", "learned"])
+def test_read_of_final_state_matches_last_output(rule):
+    torch.manual_seed(0)
+    layer = FastWeightProgrammer(5, d_key=4, d_value=3, rule=rule, ttt_mini_batch=3).double()
+    x = torch.randn(2, 7, 5, dtype=D)
+    q, k, v, r = layer.qkv(x)
+    y, W = layer.program(q, k, v, r)
+    torch.testing.assert_close(layer.read(W, q[:, -1:]), y[:, -1:], atol=1e-12, rtol=0)
+
+
 # -- chunkwise == recurrent ----------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 4, 5, 13, 64])
 def test_chunkwise_equals_recurrent(chunk):

@@ -171,6 +171,14 @@ class FastWeightProgrammer(nn.Module):
                                    W0, ln)
         return R.learned_recurrent(q, k, v, torch.sigmoid(r), self.write_net, W0)
 
+    def read(self, W: Tensor, q: Tensor) -> Tensor:
+        """Read a programmed ``W (B, dv, dk)`` with queries ``q (B, n, dk)``, as the rule does
+        (``ttt`` with ``ttt_norm`` reads through its inner LayerNorm)."""
+        y = torch.bmm(q, W.transpose(1, 2))
+        if self.ttt_ln is not None:
+            y = self.ttt_ln(y)
+        return y
+
     def forward(self, x: Tensor, W0: Optional[Tensor] = None, return_state: bool = False):
         B, T, _ = x.shape
         q, k, v, r = self.qkv(x)

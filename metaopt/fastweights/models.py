@@ -75,7 +75,7 @@ class CapacityModel(nn.Module):
         r = f.rate(e).squeeze(-1) if f.rate is not None else None
         _, W = f.program(None, k, batch["write_values"], r)
         q = self.keys(batch["query_keys"])
-        return torch.bmm(q, W.transpose(1, 2))
+        return f.read(W, q)
 
     def loss(self, batch: Dict[str, Tensor]) -> Tensor:
         return F.mse_loss(self(batch), batch["targets"])
