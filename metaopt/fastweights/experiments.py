@@ -213,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     c.add_argument("--eval-every", type=int, default=250)
     c.add_argument("--target-loss", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--ttt-mini-batch", type=int, default=16)
     c.add_argument("--init-rule", default=None, help="learned rule: start the write network "
                    "from this safetensors file")
     c.add_argument("--save-rule", default=None, help="learned rule: save the trained write "
@@ -245,7 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                                            a.eval_every, a.target_loss, a.seed,
                                            init_rule=a.init_rule, save_rule=a.save_rule,
                                            feature_map=a.feature_map, dpfp_nu=a.dpfp_nu,
-                                           mode=_mode(a.mode, rule)))
+                                           mode=_mode(a.mode, rule),
+                                           **({"ttt_mini_batch": a.ttt_mini_batch}
+                                              if rule == "ttt" else {})))
                 _save(rows, a.out)
         print(format_table(rows, ["rule", "num_keys", "setting", "test_loss", "best_step",
                                   "steps", "seconds"]))
