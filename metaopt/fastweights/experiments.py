@@ -39,12 +39,16 @@ def train_retrieval(core: str = "fastweights", hidden: int = 20, num_pairs: int 
                     max_seconds: float = math.inf, eval_every: int = 500,
                     target_error: float = 0.0, seed: int = 0, data_seed: int = 0,
                     sizes: Optional[Dict[str, int]] = None, clip: float = 1.0,
-                    log=print, **core_kwargs) -> Dict[str, Any]:
-    """Train one model on Ba et al.'s associative retrieval; returns a result row."""
+                    cosine: bool = False, log=print, **core_kwargs) -> Dict[str, Any]:
+    """Train one model on Ba et al.'s associative retrieval; returns a result row.
+    ``cosine`` decays the learning rate to 0 over ``max_steps`` (cosine)."""
     data = retrieval_splits(num_pairs, data_seed, sizes)
     torch.manual_seed(seed)
     model = RetrievalModel(core, hidden, **core_kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, max_steps) / max_steps)) if cosine
+        else 1.0)
     g = torch.Generator().manual_seed(seed + 1)
     xtr, ytr = data["train"]
     best = (math.inf, None, 0)
@@ -57,6 +61,7 @@ def train_retrieval(core: str = "fastweights", hidden: int = 20, num_pairs: int 
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        sched.step()
         step += 1
         if step % eval_every == 0 or step == max_steps:
             err = _error(model, *data["valid"])
@@ -72,7 +77,7 @@ def train_retrieval(core: str = "fastweights", hidden: int = 20, num_pairs: int 
     return {"task": "retrieval", "core": core, "hidden": hidden, "num_pairs": num_pairs,
             "test_error": _error(model, *data["test"]), "valid_error": best[0],
             "best_step": best[2], "steps": step, "seconds": round(seconds, 1), "lr": lr,
-            "batch_size": batch_size, "seed": seed,
+            "batch_size": batch_size, "seed": seed, "cosine": cosine,
             **{k: v for k, v in core_kwargs.items()}}
 
 
@@ -192,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     r.add_argument("--eval-every", type=int, default=500)
     r.add_argument("--target-error", type=float, default=0.0)
     r.add_argument("--train-size", type=int, default=100_000)
+    r.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     r.add_argument("--rule", default="delta", choices=RULES, help="rule of the fwp core")
     r.add_argument("--form", default="attention", choices=["matrix", "attention"],
                    help="FastWeightRNN computation (equal results; attention is cheaper)")
@@ -233,7 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                     kw = {"form": a.form}
                 rows.append(train_retrieval(core, hidden, a.num_pairs, a.lr, a.batch_size,
                                             a.max_steps, a.max_seconds, a.eval_every,
-                                            a.target_error, a.seed, sizes=sizes, **kw))
+                                            a.target_error, a.seed, sizes=sizes,
+                                            cosine=a.cosine, **kw))
                 rows[-1]["test_error_%"] = round(100 * rows[-1]["test_error"], 2)
                 _save(rows, a.out)
         print(format_table(rows, ["core", "hidden", "test_error_%", "best_step", "steps",
