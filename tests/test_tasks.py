@@ -17,6 +17,12 @@ SMALL = {
     "digits_mlp": dict(widths=16, depths=2, activations="gelu", batch_sizes=32),
     "digits_conv": dict(channels=8, depths=2, activations="tanh", batch_sizes=32),
     "char_lm": dict(seq_len=16, d_model=16, n_heads=2, batch_size=8),
+    "digits_ae": dict(widths=16, bottlenecks=4, activations="tanh", batch_sizes=32),
+    "mixture": dict(members={"digits_mlp": dict(widths=16, depths=1, activations="tanh",
+                                                 batch_sizes=32)},
+                    reparam_prob=1.0, reparam_range=[0.5, 2.0]),
+    "suite": dict(problem="digits_linear"),
+    "assoc_retrieval": dict(num_pairs=1, num_examples=1300, hidden=8, embed=8, batch_sizes=32),
 }
 # (steps, learning rate) of plain gradient descent that must lower the valid loss clearly.
 GD = {
@@ -25,6 +31,10 @@ GD = {
     "digits_mlp": (200, 0.3),
     "digits_conv": (150, 0.3),
     "char_lm": (60, 1.0),
+    "digits_ae": (150, 0.5),
+    "mixture": (150, 0.1),
+    "suite": (150, 0.5),
+    "assoc_retrieval": (150, 0.5),
 }
 
 
@@ -55,7 +65,8 @@ def sgd(task, params, steps, lr, generator):
 
 
 def test_registry_names():
-    assert set(FAMILIES) == {"quadratic", "logreg_cancer", "digits_mlp", "digits_conv", "char_lm"}
+    assert set(FAMILIES) == {"quadratic", "logreg_cancer", "digits_mlp", "digits_conv", "char_lm",
+                             "digits_ae", "mixture", "suite", "assoc_retrieval"}
     assert set(SMALL) == set(FAMILIES)
 
 
@@ -74,6 +85,8 @@ def test_sampling_is_reproducible(name):
     for split in ("train", "train", "valid"):
         for xa, xb in zip(a.sample_batch(split, ga), b.sample_batch(split, gb)):
             assert torch.equal(xa, xb)
+    if name == "suite":
+        return  # one fixed problem: the seed only draws the init (via the caller's generator)
     # a different seed gives a different task or init
     c = fam.sample_seeded(6)
     pc = c.init_params(torch.Generator().manual_seed(1))
@@ -96,7 +109,7 @@ def test_gradient_descent_lowers_loss(name):
     after = task.evaluate(params, "valid")
     assert torch.isfinite(torch.tensor(after))
     assert after < 0.7 * before, (before, after)
-    if hasattr(task, "accuracy"):
+    if getattr(task, "is_classifier", False):
         acc = task.evaluate_accuracy(params, "test")
         assert 0.75 < acc <= 1.0
 
