@@ -1,32 +1,105 @@
-"""The shipped "default" rule loads, and really trains models it never saw; the README example runs."""
+"""The shipped rules load, and really train models they never saw, the torch.optim way; the README
+example runs; the shipped recipe still reproduces the recorded run of the default rule."""
+import csv
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from metaopt.meta.evaluate import train_task
 from metaopt.optim import LearnedOptimizer
 from metaopt.optim.learned import PRETRAINED_DIR
+from metaopt.rules.io import load_rule
 from metaopt.tasks import make_family
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
 
 
-def test_default_rule_is_small_and_lowers_heldout_losses():
+def test_default_is_the_parameters_only_pertensor_rule():
+    rule, theta, _ = load_rule(PRETRAINED_DIR / "default")
+    assert rule.name == "pertensor" and not rule.needs_activations and not rule.needs_loss
     files = list((PRETRAINED_DIR / "default").iterdir())
-    assert sum(f.stat().st_size for f in files) < 64_000
-    for fam, kw, seed, bound in [("digits_mlp", dict(widths=[48], depths=[2]), 123_456, 0.5),
-                                 ("digits_conv", {}, 654_321, 0.8),
-                                 ("logreg_cancer", {}, 7, 0.3)]:
-        task = make_family(fam, **kw).sample_seeded(seed)
+    assert sum(f.stat().st_size for f in files) < 16_000
+    fresh = rule.init_theta(None, torch.Generator().manual_seed(0))
+    assert any(not torch.equal(theta[k], fresh[k]) for k in ("w1", "log_lr_matrix"))  # trained
+
+
+def test_default_trains_an_unseen_model_from_parameters_alone_without_closure():
+    """A model it never saw (a GRU regressor, not in the meta-training mixture or the suite):
+    ``from_pretrained(model.parameters(), "default")``, then ``loss.backward(); opt.step()``."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 16, batch_first=True)
+            self.norm = nn.LayerNorm(16)
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.out(self.norm(self.rnn(x)[0][:, -1]))
+
+    model = Net()
+    x = torch.randn(256, 10, 3)
+    y = x[:, :, 0].cumsum(1)[:, -1:] * 0.3 + torch.sin(x[:, -1, 1:2])
+    opt = LearnedOptimizer.from_pretrained(model.parameters(), "default")
+    first = None
+    for step in range(150):
+        i = torch.randint(0, 256, (32,))
+        loss = F.mse_loss(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss.detach())
+    with torch.no_grad():
+        final = float(F.mse_loss(model(x), y))
+    assert final < 0.3 * first, (first, final)
+
+
+@pytest.mark.parametrize("fam,kw,seed,bound", [
+    ("digits_mlp", dict(widths=[48], depths=[2]), 123_456, 0.5),
+    ("digits_conv", {}, 654_321, 0.8),
+    ("logreg_cancer", {}, 7, 0.3)])
+def test_shipped_rules_lower_heldout_losses(fam, kw, seed, bound):
+    task = make_family(fam, **kw).sample_seeded(seed)
+    for name in ("default", "mlp_act"):   # mlp_act: the activation-aware rule, needs model=
+        extra = {"model": task.module} if name == "mlp_act" else {}
         run = train_task(task, lambda named, t: LearnedOptimizer.from_pretrained(
-            named, "default", model=t.module), steps=150, seed=seed, eval_every=150)
+            named, name, **extra), steps=150, seed=seed, eval_every=150)
         before, after = run.valid_losses[0], run.final_valid
-        assert after < bound < before, (fam, before, after)
+        assert after < bound < before, (name, fam, before, after)
+
+
+def test_activation_rule_without_model_is_a_one_line_error():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="model="):
+        LearnedOptimizer.from_pretrained(model.parameters(), "mlp_act")
 
 
 def test_readme_example_runs():
     code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    assert "model=" not in code  # the plain torch.optim call
     ns = {}
     exec(compile(code, "README example", "exec"), ns)
-    assert float(ns["loss"].detach()) < 1.0  # 200 full-batch steps on a 3-class toy problem
+    assert float(ns["loss"].detach()) < 1.0
+
+
+@pytest.mark.slow
+def test_shipped_recipe_reproduces_the_recorded_run(tmp_path):
+    """The documented command (conf/shipped.yaml) still produces the recorded run of the shipped
+    default: its first outer steps match benchmarks/results/shipped_default_metrics.csv exactly."""
+    r = subprocess.run([sys.executable, "-m", "metaopt.cli.train", "--config-name=shipped",
+                        "meta.outer_steps=2", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    want = list(csv.DictReader(open(ROOT / "benchmarks/results/shipped_default_metrics.csv")))[:2]
+    for g, w in zip(got, want):
+        for k in ("meta_loss", "train_loss", "grad_norm", "inner_steps"):
+            assert float(g[k]) == pytest.approx(float(w[k]), rel=1e-6, abs=1e-9), (k, g, w)

@@ -6,7 +6,7 @@ feature divided by its RMS over the tensor it belongs to (so the rule sees scale
 Activation- and loss-aware features are optional extras:
 
 * ``act``: per-layer log-RMS of the layer's input and output activations (from
-  :class:`metaopt.tasks.base.ActivationRecorder`), broadcast to that layer's weights -- the
+  :class:`metaopt.activations.ActivationRecorder`), broadcast to that layer's weights -- the
   activations set how fast the weights flow;
 * ``surprise``: ``(loss - running_mean) / running_std`` of the batch loss, clipped, so a rule can
   take larger steps on surprising batches.
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metaopt.types import FlatSpec, State, segment_mean
 
-NUM_ACT = 2  # log-RMS of layer input and output (see tasks.base.ActivationRecorder)
+NUM_ACT = 2  # log-RMS of layer input and output (see metaopt.activations.ActivationRecorder)
 
 
 def normalize_per_tensor(x: Tensor, seg: Tensor, num_tensors: int, eps: float = 1e-8) -> Tensor:
