@@ -72,7 +72,8 @@ def _cli(args, cwd):
 
 def test_train_then_eval_cli_tiny(tmp_path):
     run = tmp_path / "train"
-    r = _cli(["metaopt.cli.train", "meta.outer_steps=2", "meta.meta_batch=2", "meta.horizon=10",
+    r = _cli(["metaopt.cli.train", "task=digits_mlp", "meta.outer_steps=2", "meta.meta_batch=2",
+              "meta.horizon=10",
               "scheme.truncation=5", "rule.hidden_size=4", "meta.progress=false",
               f"hydra.run.dir={run}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
