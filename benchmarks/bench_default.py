@@ -15,22 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import make_mlp  # noqa: E402
 from common import header, median, ms, set_threads, spread, time_calls  # noqa: E402
 
 from metaopt.optim import LearnedOptimizer  # noqa: E402
-
-
-def make_mlp(dims, seed=0) -> nn.Module:
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def main(argv=None):

@@ -164,8 +164,8 @@ def run_speedup(cfg: DictConfig, out_dir: Path) -> float:
     torch.set_num_threads(int(cfg.get("threads") or 1))
     sp = cfg.speedup
     if sp.steps < 1 or sp.k < 1 or sp.eval_every < 1 or not sp.seeds or not sp.problems:
-        raise ValueError(f"speedup.steps, speedup.k, speedup.eval_every must be >= 1 and "
-                         f"speedup.seeds, speedup.problems non-empty")
+        raise ValueError("speedup.steps, speedup.k, speedup.eval_every must be >= 1 and "
+                         "speedup.seeds, speedup.problems non-empty")
     optimizers = {}
     if cfg.get("checkpoint"):
         rule, theta, _ = _resolve_checkpoint(cfg.checkpoint)

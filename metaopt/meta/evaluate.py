@@ -29,6 +29,19 @@ class RunResult:
     extra: Dict[str, float] = field(default_factory=dict)
 
 
+def optimizer_step(opt, task: Task, params, batch) -> bool:
+    """One ``opt.step(closure)`` on ``batch`` (the closure zeroes, computes the loss and
+    backpropagates); False if the returned loss is not finite."""
+    def closure():
+        opt.zero_grad()
+        loss = task.loss(params, batch)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    return loss is None or math.isfinite(float(torch.as_tensor(loss).detach()))
+
+
 def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every: int = 25,
                dtype: torch.dtype = torch.float32, name: str = "opt", lr=None) -> RunResult:
     """Train ``task`` from its seeded init for ``steps`` steps; full-split validation loss every
@@ -46,16 +59,7 @@ def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every
     with torch.no_grad():
         evaluate(0)
     for t in range(1, steps + 1):
-        batch = task.sample_batch("train", gen)
-
-        def closure():
-            opt.zero_grad()
-            loss = task.loss(params, batch)
-            loss.backward()
-            return loss
-
-        loss = opt.step(closure)
-        if loss is not None and not math.isfinite(float(loss.detach() if torch.is_tensor(loss) else loss)):
+        if not optimizer_step(opt, task, params, task.sample_batch("train", gen)):
             diverged = True
             break
         if t % eval_every == 0 or t == steps:

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from metaopt.meta.evaluate import optimizer_step
 from metaopt.tasks.base import Task
 
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -105,16 +106,7 @@ def train_curve(task: Task, make_opt: Callable, steps: int, seed: int, eval_ever
     with torch.no_grad():
         ys.append(float(task.loss(params, eval_b)))
     for t in range(1, steps + 1):
-        batch = task.sample_batch("train", gen)
-
-        def closure():
-            opt.zero_grad()
-            loss = task.loss(params, batch)
-            loss.backward()
-            return loss
-
-        loss = opt.step(closure)
-        if loss is not None and not math.isfinite(float(torch.as_tensor(loss).detach())):
+        if not optimizer_step(opt, task, params, task.sample_batch("train", gen)):
             diverged = True
             break
         if t % eval_every == 0 or t == steps:

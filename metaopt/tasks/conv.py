@@ -10,9 +10,10 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from metaopt.tasks.base import ArrayDataset, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import _resolve_dtype, as_choices, as_range, jsonable, make_dataset
-from metaopt.tasks.mlp import (ACTIVATIONS, SupervisedModule, SupervisedTask, check_activation,
+from metaopt.tasks.base import ArrayDataset
+from metaopt.tasks.data import jsonable
+from metaopt.tasks.mlp import (ACTIVATIONS, DigitsFamilyBase, SupervisedModule, SupervisedTask,
+                               check_activation,
                                data_dtype, infer_loss_and_outputs)
 
 
@@ -67,7 +68,7 @@ class ConvTask(SupervisedTask):
                          structure=structure)
 
 
-class DigitsConvFamily(TaskFamily):
+class DigitsConvFamily(DigitsFamilyBase):
     """Conv nets on 8x8 digits. Each task draws a channel count, a depth (number of conv
     layers, all with that many channels), an activation and a batch size from the lists, and
     an init scale log-uniformly from ``init_scale``; as in :class:`DigitsMLPFamily`, only the
@@ -78,30 +79,11 @@ class DigitsConvFamily(TaskFamily):
     def __init__(self, channels=(8, 12, 16), depths=(1, 2), activations=("relu", "tanh", "gelu"),
                  init_scale=(0.5, 2.0), batch_sizes=(32, 64, 128), split_seed: int = 0,
                  dtype=torch.float32):
-        self.channels = as_choices(channels, "channels")
-        self.depths = as_choices(depths, "depths")
-        self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
-        self.init_scale = as_range(init_scale, "init_scale")
-        self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
-        if min(self.channels) < 1:
-            raise ValueError(f"Invalid channels: {channels!r}")
-        if min(self.depths) < 1:
-            raise ValueError(f"Invalid depths: {depths!r}")
-        if min(self.batch_sizes) < 1:
-            raise ValueError(f"Invalid batch_sizes: {batch_sizes!r}")
-        self.split_seed = int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
-
-    @property
-    def data(self) -> ArrayDataset:
-        return make_dataset("digits", self.split_seed, dtype=self.dtype)
+        self.channels = self._parse_common(channels, "channels", depths, 1, activations,
+                                           init_scale, batch_sizes, split_seed, dtype)
 
     def sample(self, generator: torch.Generator) -> ConvTask:
-        ch = choice(generator, self.channels)
-        depth = choice(generator, self.depths)
-        activation = choice(generator, self.activations)
-        batch_size = choice(generator, self.batch_sizes)
-        init_scale = log_uniform(generator, *self.init_scale)
+        ch, depth, activation, batch_size, init_scale = self._draw(generator, self.channels)
         return ConvTask(self.data, channels=(ch,) * depth, activation=activation,
                         batch_size=batch_size, init_scale=init_scale, loss="ce", num_outputs=10,
                         name=self.name, dtype=self.dtype)

@@ -10,7 +10,7 @@ the absolute scale of weights or gradients, which is what it meets on a new mode
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 

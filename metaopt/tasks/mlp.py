@@ -208,7 +208,36 @@ class MLPTask(SupervisedTask):
                          structure=structure)
 
 
-class DigitsMLPFamily(TaskFamily):
+class DigitsFamilyBase(TaskFamily):
+    """Shared option parsing and sampling of the digits families (MLP widths / conv channels)."""
+
+    def _parse_common(self, sizes, size_name, depths, min_depth, activations, init_scale,
+                      batch_sizes, split_seed, dtype):
+        sizes_t = as_choices(sizes, size_name)
+        self.depths = as_choices(depths, "depths")
+        self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
+        self.init_scale = as_range(init_scale, "init_scale")
+        self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
+        for name, vals, lo, raw in ((size_name, sizes_t, 1, sizes), ("depths", self.depths, min_depth, depths),
+                                    ("batch_sizes", self.batch_sizes, 1, batch_sizes)):
+            if min(vals) < lo:
+                raise ValueError(f"Invalid {name}: {raw!r}")
+        self.split_seed = int(split_seed)
+        self.dtype = _resolve_dtype(dtype)
+        return sizes_t
+
+    @property
+    def data(self) -> ArrayDataset:
+        return make_dataset("digits", self.split_seed, dtype=self.dtype)
+
+    def _draw(self, generator: torch.Generator, sizes):
+        """(size, depth, activation, batch size, init scale), in this order from ``generator``."""
+        return (choice(generator, sizes), choice(generator, self.depths),
+                choice(generator, self.activations), choice(generator, self.batch_sizes),
+                log_uniform(generator, *self.init_scale))
+
+
+class DigitsMLPFamily(DigitsFamilyBase):
     """MLPs on scikit-learn's 8x8 digits (10 classes, cross entropy).
 
     Each task draws a width, a depth (number of hidden layers, all of that width), an
@@ -227,30 +256,11 @@ class DigitsMLPFamily(TaskFamily):
         self.norms = tuple(as_choices(norms, "norms", str))
         if any(n not in NORMS for n in self.norms):
             raise ValueError(f"Invalid norms: {list(norms)!r} (use values from {', '.join(NORMS)})")
-        self.widths = as_choices(widths, "widths")
-        self.depths = as_choices(depths, "depths")
-        self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
-        self.init_scale = as_range(init_scale, "init_scale")
-        self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
-        if min(self.widths) < 1:
-            raise ValueError(f"Invalid widths: {widths!r}")
-        if min(self.depths) < 0:
-            raise ValueError(f"Invalid depths: {depths!r}")
-        if min(self.batch_sizes) < 1:
-            raise ValueError(f"Invalid batch_sizes: {batch_sizes!r}")
-        self.split_seed = int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
-
-    @property
-    def data(self) -> ArrayDataset:
-        return make_dataset("digits", self.split_seed, dtype=self.dtype)
+        self.widths = self._parse_common(widths, "widths", depths, 0, activations, init_scale,
+                                         batch_sizes, split_seed, dtype)
 
     def sample(self, generator: torch.Generator) -> MLPTask:
-        width = choice(generator, self.widths)
-        depth = choice(generator, self.depths)
-        activation = choice(generator, self.activations)
-        batch_size = choice(generator, self.batch_sizes)
-        init_scale = log_uniform(generator, *self.init_scale)
+        width, depth, activation, batch_size, init_scale = self._draw(generator, self.widths)
         # drawn last, so families without the option sample exactly what they sampled before
         norm = choice(generator, self.norms) if len(self.norms) > 1 else self.norms[0]
         return MLPTask(self.data, hidden=(width,) * depth, activation=activation,
