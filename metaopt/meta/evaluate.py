@@ -42,6 +42,28 @@ def optimizer_step(opt, task: Task, params, batch) -> bool:
     return loss is None or math.isfinite(float(torch.as_tensor(loss).detach()))
 
 
+def run_steps(opt, task: Task, params, gen: torch.Generator, steps: int, eval_every: int,
+              measure: Callable[[], float], on_step: Optional[Callable[[int], None]] = None):
+    """The training loop shared by the evaluations: ``steps`` optimizer steps on batches from
+    ``gen``; ``measure()`` (under no_grad) at step 0, every ``eval_every`` steps and at the end.
+    Stops at the first non-finite loss or measurement (kept as the last point).
+    ``on_step(t)`` runs after every step. Returns (steps, measurements, diverged)."""
+    with torch.no_grad():
+        xs, ys = [0], [measure()]
+    for t in range(1, steps + 1):
+        if not optimizer_step(opt, task, params, task.sample_batch("train", gen)):
+            return xs, ys, True
+        if t % eval_every == 0 or t == steps:
+            with torch.no_grad():
+                xs.append(t)
+                ys.append(measure())
+            if not math.isfinite(ys[-1]):
+                return xs, ys, True
+        if on_step is not None:
+            on_step(t)
+    return xs, ys, False
+
+
 def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every: int = 25,
                dtype: torch.dtype = torch.float32, name: str = "opt", lr=None) -> RunResult:
     """Train ``task`` from its seeded init for ``steps`` steps; full-split validation loss every
@@ -50,24 +72,8 @@ def train_task(task: Task, make_opt: Callable, steps: int, seed: int, eval_every
     params = {k: v.to(dtype).clone().requires_grad_(True) for k, v in task.init_params(gen).items()}
     opt = make_opt(list(params.items()), task)
     valid = task.full_batch("valid")
-    xs, ys, diverged = [], [], False
-
-    def evaluate(step):
-        xs.append(step)
-        ys.append(float(task.loss(params, valid)))
-
-    with torch.no_grad():
-        evaluate(0)
-    for t in range(1, steps + 1):
-        if not optimizer_step(opt, task, params, task.sample_batch("train", gen)):
-            diverged = True
-            break
-        if t % eval_every == 0 or t == steps:
-            with torch.no_grad():
-                evaluate(t)
-            if not math.isfinite(ys[-1]):
-                diverged = True
-                break
+    xs, ys, diverged = run_steps(opt, task, params, gen, steps, eval_every,
+                                 lambda: float(task.loss(params, valid)))
     if diverged:
         final_valid = final_test = math.inf
     else:

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from metaopt.meta.evaluate import optimizer_step
+from metaopt.meta.evaluate import run_steps
 from metaopt.tasks.base import Task
 
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -100,29 +100,21 @@ def train_curve(task: Task, make_opt: Callable, steps: int, seed: int, eval_ever
     opt = make_opt(list(params.items()))
     eval_b = _eval_batch(task, eval_examples)
     valid_b = task.full_batch("valid")
-    xs, ys, valid = [0], [], {}
-    diverged = False
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ys.append(float(task.loss(params, eval_b)))
-    for t in range(1, steps + 1):
-        if not optimizer_step(opt, task, params, task.sample_batch("train", gen)):
-            diverged = True
-            break
-        if t % eval_every == 0 or t == steps:
-            with torch.no_grad():
-                v = float(task.loss(params, eval_b))
-            if not math.isfinite(v):
-                diverged = True
-                break
-            xs.append(t)
-            ys.append(v)
+    valid = {}
+
+    def record_valid(t):
         if t in valid_steps:
             with torch.no_grad():
                 valid[str(t)] = float(task.loss(params, valid_b))
+
+    t0 = time.perf_counter()
+    xs, ys, diverged = run_steps(opt, task, params, gen, steps, eval_every,
+                                 lambda: float(task.loss(params, eval_b)), record_valid)
     if hasattr(opt, "close"):
         opt.close()
     if diverged:  # the rest of the evaluation grid is +inf (same grid as a finished run)
+        if not math.isfinite(ys[-1]):
+            ys[-1] = math.inf
         rest = [s for s in eval_grid(steps, eval_every) if s > xs[-1]]
         xs += rest
         ys += [math.inf] * len(rest)
