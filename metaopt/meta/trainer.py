@@ -48,6 +48,8 @@ class TrainConfig:
     log_every: int = 1
     dtype: str = "float32"
     progress: bool = True
+    max_seconds: float = 0.0     # wall-clock budget of meta-training (0 = none): stop after the
+                                 # outer step that crosses it, checkpoint and return
 
     def validate(self):
         for k in ("outer_steps", "meta_batch", "horizon", "checkpoint_every", "log_every"):
@@ -57,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"Invalid meta.outer_lr: {self.outer_lr}")
         if self.clip_grad < 0:
             raise ValueError(f"Invalid meta.clip_grad: {self.clip_grad}")
+        if self.max_seconds < 0:
+            raise ValueError(f"Invalid meta.max_seconds: {self.max_seconds} (must be >= 0)")
         if self.dtype not in DTYPES:
             raise ValueError(f"Invalid meta.dtype: {self.dtype!r} (use float32 or float64)")
         check_meta_loss(self.meta_loss)
@@ -142,8 +146,12 @@ class MetaTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}", nonfinite=self.nonfinite)
-                if self.outer_step % cfg.checkpoint_every == 0 or self.outer_step == cfg.outer_steps:
+                out_of_time = 0 < cfg.max_seconds <= self.elapsed
+                if (self.outer_step % cfg.checkpoint_every == 0 or self.outer_step == cfg.outer_steps
+                        or out_of_time):
                     self.save_checkpoint()
+                if out_of_time:
+                    break
         finally:
             log_f.close()
             if bar is not None:
