@@ -3,6 +3,10 @@
     metaopt-train                                   # digits MLP family, MLP rule, nested scheme
     metaopt-train rule=layerwise_lr task.widths=[64] task.depths=[2] meta.outer_steps=200
     metaopt-train resume=true hydra.run.dir=<the killed run's dir>
+    torchrun --nproc_per_node=2 -m metaopt.cli.train hydra.run.dir=runs/ddp   # 2 processes
+
+Under torchrun every rank runs this same command; rank 0's run directory is used by all
+(see metaopt.meta.distributed).
 """
 from __future__ import annotations
 
@@ -23,22 +27,41 @@ register_configs()
 def run_train(cfg: DictConfig, out_dir: str) -> float:
     import torch
     from metaopt.meta import MetaTrainer
+    from metaopt.meta.distributed import Distributed
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    dcfg = cfg.get("distributed") or {}
+    dist = Distributed.from_env(dcfg.get("backend", "auto"), dcfg.get("timeout_s", 1800))
+    out_dir = _shared_out_dir(dist, out_dir)
     train_cfg = build_train_config(cfg.meta)
     family = build_family(cfg.task, train_cfg.dtype)
     rule = build_rule(cfg.rule)
     scheme = build_scheme(cfg.scheme)
     trainer = MetaTrainer(rule, family, scheme, train_cfg, out_dir,
-                          resolved_config=OmegaConf.to_container(cfg, resolve=True))
+                          resolved_config=OmegaConf.to_container(cfg, resolve=True), dist=dist)
     if cfg.resume:
         trainer.load_checkpoint()
         log.info("resumed from %s at outer step %d", trainer.ckpt_dir, trainer.outer_step)
     final = trainer.run()
-    log.info("final meta-loss %.5f; rule checkpoint: %s", final, trainer.ckpt_dir)
-    print(f"rule checkpoint: {trainer.ckpt_dir}")
+    if dist.is_main:
+        log.info("final meta-loss %.5f; rule checkpoint: %s", final, trainer.ckpt_dir)
+        print(f"rule checkpoint: {trainer.ckpt_dir}")
+    dist.shutdown()
     return final
+
+
+def _shared_out_dir(dist, out_dir: str) -> str:
+    """Rank 0's run directory, on every rank. Hydra gave each rank its own (timestamped) one; a
+    rank whose directory differs removes it when it holds nothing but hydra's own files."""
+    shared = dist.broadcast_str(str(out_dir))
+    if shared != str(out_dir):
+        import shutil
+        from pathlib import Path
+        own = Path(out_dir)
+        if own.is_dir() and {p.name for p in own.iterdir()} <= {".hydra", "train.log"}:
+            shutil.rmtree(own, ignore_errors=True)
+    return shared
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)

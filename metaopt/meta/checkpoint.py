@@ -19,12 +19,24 @@ from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load
 
 def atomic_dir_write(final: Path, write_fn) -> None:
     """Write into a temp sibling dir, then swap it in: a killed run never leaves half a checkpoint."""
+    tmp = staging_dir(final)
+    write_fn(tmp)
+    commit_dir(final, tmp)
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh, empty temp sibling of ``final`` to write a checkpoint into."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_fn(tmp)
+    return tmp
+
+
+def commit_dir(final: Path, tmp: Path) -> None:
+    """Swap the fully written ``tmp`` in as ``final`` (the previous one is removed after)."""
+    final = Path(final)
     old = final.with_name(final.name + ".old")
     if final.exists():
         if old.exists():

@@ -9,7 +9,9 @@ slots each carry one inner run across truncations. What makes it robust:
   ``state_dict()``: tensors in safetensors, the rest in JSON, no pickle), every RNG state and
   every slot (params, rule state, counters, batch generator), so ``resume=True``
   continues exactly where the last checkpoint was taken and reaches the same theta as a run
-  that was never interrupted.
+  that was never interrupted;
+* data-parallel over processes (metaopt.meta.distributed): each rank runs its share of the K
+  slots, the meta-gradient is all-reduced, and N ranks reach the theta of one process.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from metaopt.meta.checkpoint import (CheckpointError, atomic_dir_write, check_theta, load_tensors,
-                                     read_json, save_rule, save_tensors, write_json)
+from metaopt.meta.checkpoint import (CheckpointError, atomic_dir_write, check_theta, commit_dir,
+                                     load_tensors, read_json, save_rule, save_tensors, staging_dir,
+                                     write_json)
+from metaopt.meta.distributed import Distributed
 from metaopt.meta.schemes import Scheme
 from metaopt.meta.slots import Slot, new_slot
 from metaopt.meta.unroll import UnrollOut, check_meta_loss, get_meta_loss
@@ -68,9 +72,12 @@ class TrainConfig:
 
 class MetaTrainer:
     def __init__(self, rule: Rule, family: TaskFamily, scheme: Scheme, cfg: TrainConfig,
-                 out_dir, resolved_config: Optional[dict] = None):
+                 out_dir, resolved_config: Optional[dict] = None,
+                 dist: Optional[Distributed] = None):
         cfg.validate()
         self.rule, self.family, self.scheme, self.cfg = rule, family, scheme, cfg
+        self.dist = dist or Distributed()
+        self.owned = self.dist.owned(cfg.meta_batch)  # global indices of this process's slots
         self.out_dir = Path(out_dir)
         self.resolved_config = resolved_config or {}
         self.meta_loss = get_meta_loss(cfg.meta_loss)
@@ -85,13 +92,20 @@ class MetaTrainer:
         self.inner_steps = 0
         self.nonfinite = 0
         self.elapsed = 0.0
-        self.slots: List[Slot] = [self._fresh_slot(first=True) for _ in range(cfg.meta_batch)]
+        # every rank tracks (seed, step, horizon) of all K slots and draws their seeds in global
+        # order (so the main generator's stream does not depend on the world size); it builds and
+        # runs only its own slots, ``self.slots`` (all K in a single process)
+        self.slot_info: List[Dict[str, int]] = []
+        self.slots: List[Slot] = []
+        for i in range(cfg.meta_batch):
+            self._reset_slot(i, first=True)
 
     # -- slots ---------------------------------------------------------------------------------
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self.gen))
 
-    def _fresh_slot(self, first: bool = False) -> Slot:
+    def _reset_slot(self, i: int, first: bool = False) -> None:
+        """Global slot ``i`` gets a fresh task (seed and horizon drawn on every rank)."""
         seed = self._draw_seed()
         W = self.scheme.window
         horizon = self.cfg.horizon
@@ -100,6 +114,19 @@ class MetaTrainer:
             # first resets the meta-batch holds early and late phases of training at once.
             n = max(1, horizon // W)
             horizon = W * (1 + int(torch.randint(0, n, (1,), generator=self.gen)))
+        info = {"seed": seed, "step": 0, "horizon": horizon}
+        if first:
+            self.slot_info.append(info)
+        else:
+            self.slot_info[i] = info
+        if i in self.owned:
+            slot = self._build_slot(seed, horizon)
+            if first:
+                self.slots.append(slot)
+            else:
+                self.slots[i - self.owned.start] = slot
+
+    def _build_slot(self, seed: int, horizon: int) -> Slot:
         slot = new_slot(self.family, self.rule, seed, horizon, self.dtype)
         if self.rule.spec_dependent and FlatSpec.of(slot.params) != self.spec:
             raise ValueError(f"rule {self.rule.name!r} learns one value per layer/parameter, so all "
@@ -110,24 +137,9 @@ class MetaTrainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> float:
         cfg = self.cfg
+        main = self.dist.is_main  # rank 0 logs; every rank computes
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.out_dir / "metrics.csv"
-        fields = ["outer_step", "meta_loss", "train_loss", "grad_norm", "nonfinite",
-                  "inner_steps", "wall_time"]
-        new_log = not log_path.exists() or self.outer_step == 0
-        if not new_log:  # resumed: drop rows logged after the checkpoint we resumed from
-            with open(log_path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["outer_step"]) <= self.outer_step]
-            with open(log_path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(kept)
-        log_f = open(log_path, "w" if new_log else "a", newline="")
-        writer = csv.DictWriter(log_f, fieldnames=fields)
-        if new_log:
-            writer.writeheader()
-        tb = _tensorboard(self.out_dir)
-        bar = _progress(cfg.outer_steps, self.outer_step, cfg.progress)
+        log = _Log(self.out_dir, self.outer_step, cfg.outer_steps, cfg.progress) if main else None
         last_meta = float("nan")
         try:
             while self.outer_step < cfg.outer_steps:
@@ -137,48 +149,59 @@ class MetaTrainer:
                 if math.isfinite(row["meta_loss"]):
                     last_meta = row["meta_loss"]
                 row["wall_time"] = round(self.elapsed, 4)
-                if self.outer_step % cfg.log_every == 0 or self.outer_step == cfg.outer_steps:
-                    writer.writerow(row)
-                    log_f.flush()
-                    if tb is not None:
-                        for k in ("meta_loss", "train_loss", "grad_norm"):
-                            tb.add_scalar(k, row[k], self.outer_step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}", nonfinite=self.nonfinite)
-                out_of_time = 0 < cfg.max_seconds <= self.elapsed
+                if log is not None:
+                    log.write(row, self.outer_step % cfg.log_every == 0
+                              or self.outer_step == cfg.outer_steps, self.nonfinite)
+                # one decision for all ranks (their clocks differ)
+                out_of_time = cfg.max_seconds > 0 and self.dist.any(cfg.max_seconds <= self.elapsed)
                 if (self.outer_step % cfg.checkpoint_every == 0 or self.outer_step == cfg.outer_steps
                         or out_of_time):
                     self.save_checkpoint()
                 if out_of_time:
                     break
         finally:
-            log_f.close()
-            if bar is not None:
-                bar.close()
-            if tb is not None:
-                tb.close()
+            if log is not None:
+                log.close()
         return last_meta
 
     def train_step(self) -> Dict[str, float]:
-        """One outer step: scheme meta-gradient, finite check, clipped outer update, slot resets."""
+        """One outer step: scheme meta-gradient, finite check, clipped outer update, slot resets.
+
+        With several processes, the per-rank meta-gradient (a mean over the rank's slots) is
+        weighted by the rank's share of slots and summed over ranks, together with the logged
+        losses and the per-slot divergence flags, in one all-reduce: every rank then takes the
+        same decisions and the same outer step."""
         out = self.scheme.meta_gradient(self.rule, self.theta, self.slots, self.meta_loss)
+        K = self.cfg.meta_batch
         self.outer_step += 1
-        self.inner_steps += out.inner_steps * len(self.slots)
-        bad_slots = [i for i, o in enumerate(out.outs) if not _finite(o)]
-        grads_ok = all(torch.isfinite(g).all() for g in out.grads.values())
+        self.inner_steps += out.inner_steps * K
+        flags = torch.zeros(K, dtype=torch.float64)
+        for j, o in enumerate(out.outs):
+            flags[self.owned.start + j] = float(not _finite(o))
+        keys = list(out.grads)
+        share = len(self.slots) / K
+        sums = torch.tensor([sum(out.meta_losses), sum(out.train_losses)], dtype=torch.float64)
+        reduced = self.dist.sum_([out.grads[k] * share for k in keys] + [sums, flags])
+        grads = dict(zip(keys, reduced[:len(keys)]))
+        sums, flags = reduced[len(keys)], reduced[len(keys) + 1]
+        bad_slots = [i for i in range(K) if flags[i] > 0]
+        grads_ok = all(torch.isfinite(g).all() for g in grads.values())
         grad_norm = float("nan")
         if bad_slots or not grads_ok:
             # Skip the update; theta and the healthy slots are untouched. Reset what diverged
             # (everything if only the meta-gradient overflowed: it cannot be attributed to a slot).
             self.nonfinite += 1
-            for i in (bad_slots or range(len(self.slots))):
-                self.slots[i] = self._fresh_slot()
+            for i in (bad_slots or range(K)):
+                self._reset_slot(i)
         else:
-            grad_norm = self._apply_grads(out.grads)
-            self.slots = [self._fresh_slot() if s.done else s for s in out.slots]
-        return {"outer_step": self.outer_step, "meta_loss": _mean(out.meta_losses),
-                "train_loss": _mean(out.train_losses), "grad_norm": grad_norm,
+            grad_norm = self._apply_grads(grads)
+            self.slots = list(out.slots)
+            for i, info in enumerate(self.slot_info):
+                info["step"] += out.inner_steps
+                if info["step"] >= info["horizon"]:
+                    self._reset_slot(i)
+        return {"outer_step": self.outer_step, "meta_loss": float(sums[0]) / K,
+                "train_loss": float(sums[1]) / K, "grad_norm": grad_norm,
                 "nonfinite": self.nonfinite, "inner_steps": self.inner_steps}
 
     def _apply_grads(self, grads: Dict[str, Tensor]) -> float:
@@ -206,35 +229,59 @@ class MetaTrainer:
         return self.out_dir / "checkpoints" / "last"
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/last`` atomically. Rank 0 writes the rule, the optimizer, the RNG
+        and its own slots (``trainer.safetensors``); every other rank writes its slots to
+        ``slots.rank<r>.safetensors`` in the same staging directory before rank 0 swaps it in."""
         def write(d: Path):
             save_rule(d, self.rule, self.theta_detached(), self.spec)
             tensors, meta = self._trainer_state()
+            tensors.update(self._slot_tensors())
             save_tensors(tensors, d / "trainer.safetensors")
             write_json(meta, d / "trainer.json")
             if self.resolved_config:
                 import yaml
                 (d / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
-        atomic_dir_write(self.ckpt_dir, write)
+        if not self.dist.enabled:
+            atomic_dir_write(self.ckpt_dir, write)
+            return self.ckpt_dir
+        tmp = self.ckpt_dir.with_name(self.ckpt_dir.name + ".tmp")
+        if self.dist.is_main:
+            staging_dir(self.ckpt_dir)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            save_tensors(self._slot_tensors(), tmp / f"slots.rank{self.dist.rank}.safetensors")
+        self.dist.barrier()
+        if self.dist.is_main:
+            write(tmp)
+            commit_dir(self.ckpt_dir, tmp)
+        self.dist.barrier()
         return self.ckpt_dir
 
-    def _trainer_state(self):
-        tensors = {"rng.main": self.gen.get_state()}
-        optimizer = tree_to_json(self.opt.state_dict(), tensors, "opt")
-        slots_meta = []
-        for i, s in enumerate(self.slots):
+    def _slot_tensors(self) -> Dict[str, Tensor]:
+        """This process's slots, keyed by global slot index."""
+        tensors = {}
+        for j, s in enumerate(self.slots):
+            i = self.owned.start + j
             tensors[f"slot{i}.rng"] = s.gen.get_state()
             for group, d in (("params", s.params), ("state", s.state), ("extra", s.extra)):
                 for k, v in d.items():
                     tensors[f"slot{i}.{group}.{k}"] = v
-            slots_meta.append({"seed": s.seed, "step": s.step, "horizon": s.horizon})
+        return tensors
+
+    def _trainer_state(self):
+        tensors = {"rng.main": self.gen.get_state()}
+        optimizer = tree_to_json(self.opt.state_dict(), tensors, "opt")
         meta = {"outer_step": self.outer_step, "inner_steps": self.inner_steps,
-                "nonfinite": self.nonfinite, "elapsed": self.elapsed, "slots": slots_meta,
+                "nonfinite": self.nonfinite, "elapsed": self.elapsed,
+                "slots": [dict(info) for info in self.slot_info],
+                "world_size": self.dist.world_size,
                 "optimizer": optimizer, "theta_keys": list(self.theta),
                 "scheme": {"name": self.scheme.name, **self.scheme.config()},
                 "train": asdict(self.cfg)}
         return tensors, meta
 
     def load_checkpoint(self, path=None) -> None:
+        """Resume from a checkpoint (written by any number of processes that divides K)."""
         d = Path(path) if path is not None else self.ckpt_dir
         if not (d / "trainer.json").exists():
             raise CheckpointError(f"resume: no checkpoint at {d}")
@@ -243,11 +290,17 @@ class MetaTrainer:
             raise CheckpointError(f"{d}: trainer checkpoint of an older format (no 'optimizer' "
                                   "entry) cannot be resumed; its rule still loads with load_rule")
         tensors = load_tensors(d / "trainer.safetensors")
+        for r in range(1, int(meta.get("world_size", 1))):
+            shard = d / f"slots.rank{r}.safetensors"
+            if not shard.exists():
+                raise CheckpointError(f"{d}: {shard.name} is missing (checkpoint written by "
+                                      f"{meta['world_size']} processes)")
+            tensors.update(load_tensors(shard))
         theta = load_tensors(d / "theta.safetensors")
         check_theta(theta, self.theta, where=str(d))
-        if len(meta["slots"]) != len(self.slots):
+        if len(meta["slots"]) != self.cfg.meta_batch:
             raise CheckpointError(f"{d}: checkpoint has {len(meta['slots'])} slots but "
-                                  f"meta.meta_batch={len(self.slots)}")
+                                  f"meta.meta_batch={self.cfg.meta_batch}")
         with torch.no_grad():
             for k, v in self.theta.items():
                 v.copy_(theta[k])
@@ -255,8 +308,11 @@ class MetaTrainer:
         self.gen.set_state(tensors["rng.main"])
         self.outer_step, self.inner_steps = meta["outer_step"], meta["inner_steps"]
         self.nonfinite, self.elapsed = meta["nonfinite"], meta.get("elapsed", 0.0)
+        self.slot_info = [{"seed": sm["seed"], "step": sm["step"], "horizon": sm["horizon"]}
+                          for sm in meta["slots"]]
         slots = []
-        for i, sm in enumerate(meta["slots"]):
+        for i in self.owned:
+            sm = self.slot_info[i]
             task = self.family.sample_seeded(sm["seed"])
             gen = torch.Generator()
             gen.set_state(tensors[f"slot{i}.rng"])
@@ -309,8 +365,45 @@ def _finite(o: UnrollOut) -> bool:
                                                      for v in o.params.values())
 
 
-def _mean(xs: List[float]) -> float:
-    return sum(xs) / len(xs)
+class _Log:
+    """metrics.csv (a resumed run drops rows logged after its checkpoint), TensorBoard when
+    installed, and the progress bar: what rank 0 writes."""
+    FIELDS = ["outer_step", "meta_loss", "train_loss", "grad_norm", "nonfinite", "inner_steps",
+              "wall_time"]
+
+    def __init__(self, out_dir: Path, outer_step: int, total: int, progress: bool):
+        path = out_dir / "metrics.csv"
+        new = not path.exists() or outer_step == 0
+        if not new:
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["outer_step"]) <= outer_step]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.FIELDS)
+                w.writeheader()
+                w.writerows(kept)
+        self.f = open(path, "w" if new else "a", newline="")
+        self.writer = csv.DictWriter(self.f, fieldnames=self.FIELDS)
+        if new:
+            self.writer.writeheader()
+        self.tb = _tensorboard(out_dir)
+        self.bar = _progress(total, outer_step, progress)
+
+    def write(self, row: Dict[str, float], to_file: bool, nonfinite: int) -> None:
+        if to_file:
+            self.writer.writerow(row)
+            self.f.flush()
+            if self.tb is not None:
+                for k in ("meta_loss", "train_loss", "grad_norm"):
+                    self.tb.add_scalar(k, row[k], row["outer_step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}", nonfinite=nonfinite)
+
+    def close(self) -> None:
+        self.f.close()
+        for x in (self.bar, self.tb):
+            if x is not None:
+                x.close()
 
 
 def _progress(total, initial, enabled):

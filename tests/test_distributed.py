@@ -1,0 +1,168 @@
+"""Data-parallel meta-training (metaopt.meta.distributed) on real gloo process groups.
+
+Each multi-process test spawns its ranks as separate Python processes (tests/dist_worker.py) with
+the environment torchrun would set, so rank death is real: a SIGKILL, no clean-up.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.meta.distributed import Distributed
+from metaopt.meta.checkpoint import load_tensors
+from tests.dist_worker import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world, out, steps, *extra, die=None):
+    """Start ``world`` ranks; ``die`` = (rank, step) kills that rank at that outer step."""
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        args = [sys.executable, "-m", "tests.dist_worker", str(out), str(steps), *extra]
+        if die and die[0] == r:
+            args += ["--die-at", str(die[1])]
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait(procs, timeout=120):
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return [p.returncode for p in procs], outs
+
+
+def _theta(out):
+    return load_tensors(Path(out) / "checkpoints" / "last" / "theta.safetensors")
+
+
+def _single(tmp_path, steps, scheme="nested", name="single"):
+    t = build(tmp_path / name, steps, scheme)
+    t.run()
+    return {k: v.detach() for k, v in t.theta.items()}
+
+
+def _close(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.parametrize("scheme", ["nested", "pes"])
+def test_two_gloo_processes_reach_the_single_process_theta(tmp_path, scheme):
+    ref = _single(tmp_path, 3, scheme)
+    codes, outs = _wait(_launch(2, tmp_path / "ddp", 3, "--scheme", scheme))
+    assert codes == [0, 0], outs
+    theta = _theta(tmp_path / "ddp")
+    _close(theta, ref)
+    # and theta really moved: the comparison is not between two initial thetas
+    init = build(tmp_path / "init", 3, scheme).theta
+    assert any(not torch.allclose(theta[k], init[k].detach()) for k in theta)
+    # rank 0 logged every step; rank 1 wrote only its slots, into the same checkpoint
+    rows = (tmp_path / "ddp" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4
+    assert (tmp_path / "ddp" / "checkpoints" / "last" / "slots.rank1.safetensors").exists()
+
+
+def test_killed_rank_then_resume_reaches_the_uninterrupted_theta(tmp_path):
+    steps = 6
+    codes, outs = _wait(_launch(2, tmp_path / "full", steps))
+    assert codes == [0, 0], outs
+    full = _theta(tmp_path / "full")
+    _close(full, _single(tmp_path, steps))
+
+    # rank 1 dies (SIGKILL) during outer step 5; rank 0, blocked in the all-reduce, fails too
+    codes, outs = _wait(_launch(2, tmp_path / "run", steps, die=(1, 5)))
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, (codes, outs)
+    import json
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer.json").read_text())
+    assert meta["outer_step"] == 4 and meta["world_size"] == 2
+    # restart both ranks from the last checkpoint
+    codes, outs = _wait(_launch(2, tmp_path / "run", steps, "--resume"))
+    assert codes == [0, 0], outs
+    _close(_theta(tmp_path / "run"), full)
+    # the checkpoint holds the whole meta-batch: one process resumes it too
+    shutil.rmtree(tmp_path / "run")
+    codes, outs = _wait(_launch(2, tmp_path / "run", steps, die=(1, 5)))
+    one = build(tmp_path / "run", steps, "nested")
+    one.load_checkpoint()
+    one.run()
+    _close({k: v.detach() for k, v in one.theta.items()}, full)
+
+
+def test_slots_must_split_evenly_over_ranks():
+    with pytest.raises(ValueError, match=r"meta\.meta_batch: 6 .* 4 processes"):
+        Distributed(rank=1, world_size=4).owned(6)
+    assert list(Distributed(rank=1, world_size=4).owned(8)) == [2, 3]
+    assert list(Distributed().owned(3)) == [0, 1, 2]
+
+
+def test_single_process_collectives_are_the_identity():
+    d = Distributed()
+    x = [torch.arange(3.0), torch.ones(2, 2)]
+    assert all(a is b for a, b in zip(d.sum_(x), x))
+    assert d.any(True) and not d.any(False)
+    assert d.broadcast_str("runs/x") == "runs/x"
+
+
+def test_world_size_without_torchrun_env_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="RANK, MASTER_ADDR, MASTER_PORT not set"):
+        Distributed.from_env("gloo")
+    with pytest.raises(ValueError, match="distributed.backend"):
+        Distributed.from_env("mpi")
+
+
+def test_max_seconds_stops_and_checkpoints(tmp_path):
+    t = build(tmp_path / "budget", 1000, "nested")
+    t.cfg.max_seconds = 1e-9  # out of time after the first outer step
+    t.run()
+    assert t.outer_step == 1
+    again = build(tmp_path / "budget", 1000, "nested")
+    again.load_checkpoint()
+    assert again.outer_step == 1
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes_match_one(tmp_path):
+    """``torchrun --nproc_per_node=2 -m metaopt.cli.train`` == ``metaopt-train`` (same logs)."""
+    args = ["task=quadratic", "rule=adam", "scheme.truncation=5", "meta.outer_steps=3",
+            "meta.meta_batch=4", "meta.horizon=20", "meta.progress=false", "meta.dtype=float64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "metaopt.cli.train", *args,
+                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "metaopt.cli.train", *args,
+                          f"hydra.run.dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert [ln.startswith("rule checkpoint:") for ln in two.stdout.splitlines()].count(True) == 1
+    col = lambda d: [r.split(",")[1] for r in (tmp_path / d / "metrics.csv").read_text().split()[1:]]
+    assert [float(x) for x in col("two")] == pytest.approx([float(x) for x in col("one")], rel=1e-9)
+    _close(_theta(tmp_path / "two"), _theta(tmp_path / "one"), tol=1e-9)
