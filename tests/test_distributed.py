@@ -166,3 +166,20 @@ def test_torchrun_cli_two_processes_match_one(tmp_path):
     col = lambda d: [r.split(",")[1] for r in (tmp_path / d / "metrics.csv").read_text().split()[1:]]
     assert [float(x) for x in col("two")] == pytest.approx([float(x) for x in col("one")], rel=1e-9)
     _close(_theta(tmp_path / "two"), _theta(tmp_path / "one"), tol=1e-9)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    """The cluster path of ``metaopt-train -m``: hydra's submitit launcher, local executor."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    res = subprocess.run(
+        [sys.executable, "-m", "metaopt.cli.train", "-m", "hydra/launcher=submitit_local",
+         "task=quadratic", "rule=adam", "scheme.truncation=5", "meta.outer_steps=2",
+         "meta.meta_batch=2", "meta.horizon=20", "meta.progress=false", "meta.outer_lr=1e-2,3e-2",
+         f"hydra.sweep.dir={tmp_path}", "hydra.launcher.timeout_min=5"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 0, res.stderr
+    runs = sorted(tmp_path.glob("*/metrics.csv"))
+    assert len(runs) == 2 and all(len(p.read_text().split()) == 3 for p in runs)
+    assert len(list(tmp_path.glob("*/checkpoints/last/theta.safetensors"))) == 2
