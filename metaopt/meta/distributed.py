@@ -6,7 +6,8 @@ Launch any meta-training with torchrun (one node or several, through torchrun's 
 
 Each rank owns ``K/N`` of the K slots (a contiguous block of global slot indices) and runs the
 scheme on them alone; per-rank meta-gradients (means over the rank's slots) are weighted by the
-rank's share of slots and summed by one all-reduce (gloo on CPU, nccl on GPU), together with the
+rank's share of slots and summed by one all-reduce (gloo; nccl on request, through the rank's
+GPU -- this version meta-trains on CPU tensors), together with the
 logged losses and each slot's "diverged" flag. Every rank then takes the same outer step, so theta
 stays identical everywhere without being broadcast.
 
@@ -51,8 +52,10 @@ class Distributed:
         if backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"Invalid distributed.backend: {backend!r} (use auto, gloo or nccl)")
         if not dist.is_initialized():
-            if backend == "auto":
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "auto":  # meta-training tensors live on the CPU: gloo reduces them there
+                backend = "gloo"
+            if backend == "nccl":  # reduce on this rank's GPU (LOCAL_RANK), copy back
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
                 raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch "
