@@ -20,11 +20,16 @@ from tests.helpers import TinyFamily
 SCHEMES = {"nested": dict(truncation=4), "pes": dict(truncation=4, num_samples=2, sigma=0.05)}
 
 
-def build(out, steps, scheme, dist=None, meta_batch=4):
+def build(out, steps, scheme, dist=None, meta_batch=4, family="tiny"):
     torch.set_num_threads(1)
+    if family == "poison":  # every third task has a NaN input: slots diverge and are reset
+        from tests.test_trainer import PoisonFamily
+        fam = PoisonFamily()
+    else:
+        fam = TinyFamily()
     cfg = TrainConfig(outer_steps=steps, meta_batch=meta_batch, horizon=8, outer_lr=1e-2, seed=3,
                       checkpoint_every=2, progress=False, dtype="float64")
-    return MetaTrainer(make_rule("mlp", hidden_size=8), TinyFamily(), make_scheme(scheme, **SCHEMES[scheme]),
+    return MetaTrainer(make_rule("mlp", hidden_size=8), fam, make_scheme(scheme, **SCHEMES[scheme]),
                        cfg, out, dist=dist)
 
 
@@ -35,9 +40,10 @@ def main():
     ap.add_argument("--scheme", default="nested")
     ap.add_argument("--die-at", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--family", default="tiny")
     a = ap.parse_args()
     dist = Distributed.from_env("gloo", timeout_s=60)
-    trainer = build(a.out, a.steps, a.scheme, dist)
+    trainer = build(a.out, a.steps, a.scheme, dist, family=a.family)
     if a.resume:
         trainer.load_checkpoint()
     if a.die_at:

@@ -58,8 +58,8 @@ def _theta(out):
     return load_tensors(Path(out) / "checkpoints" / "last" / "theta.safetensors")
 
 
-def _single(tmp_path, steps, scheme="nested", name="single"):
-    t = build(tmp_path / name, steps, scheme)
+def _single(tmp_path, steps, scheme="nested", name="single", family="tiny"):
+    t = build(tmp_path / name, steps, scheme, family=family)
     t.run()
     return {k: v.detach() for k, v in t.theta.items()}
 
@@ -110,6 +110,20 @@ def test_killed_rank_then_resume_reaches_the_uninterrupted_theta(tmp_path):
     one.load_checkpoint()
     one.run()
     _close({k: v.detach() for k, v in one.theta.items()}, full)
+
+
+def test_divergence_on_one_rank_resets_the_same_slots_everywhere(tmp_path):
+    """Slots that hit a NaN are reset on the rank that owns them and their new seeds are drawn on
+    every rank, so the run stays in lockstep with the single-process one."""
+    steps = 8
+    ref = build(tmp_path / "single", steps, "nested", family="poison")
+    ref.run()
+    codes, outs = _wait(_launch(2, tmp_path / "ddp", steps, "--family", "poison"))
+    assert codes == [0, 0], outs
+    assert ref.nonfinite > 0  # the test exercises the reset path
+    rows = (tmp_path / "ddp" / "metrics.csv").read_text().strip().splitlines()
+    assert int(rows[-1].split(",")[4]) == ref.nonfinite
+    _close(_theta(tmp_path / "ddp"), {k: v.detach() for k, v in ref.theta.items()})
 
 
 def test_slots_must_split_evenly_over_ranks():
