@@ -77,15 +77,21 @@ class SlotGroup(NamedTuple):
         """``fn`` over the slot dim: ``torch.func.vmap``, or for a lone slot one plain call (what
         an unbatched unroll computes, without vmap's overhead). Outputs get the slot dim either
         way."""
-        if self.size > 1:
-            return vmap(fn, in_dims=in_dims)
+        return batched(fn, self.size, in_dims)
 
-        def single(*args):
-            dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
-            args = [a if d is None else tree_map(lambda t: t.select(d, 0), a)
-                    for a, d in zip(args, dims)]
-            return tree_map(lambda t: t.unsqueeze(0), fn(*args))
-        return single
+
+def batched(fn: Callable, n: int, in_dims=0) -> Callable:
+    """``fn`` over a leading dim of size ``n``: ``torch.func.vmap`` for ``n > 1``, one plain call
+    (the dim selected away, then restored on the outputs) for ``n == 1``."""
+    if n > 1:
+        return vmap(fn, in_dims=in_dims)
+
+    def single(*args):
+        dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+        args = [a if d is None else tree_map(lambda t: t.select(d, 0), a)
+                for a, d in zip(args, dims)]
+        return tree_map(lambda t: t.unsqueeze(0), fn(*args))
+    return single
 
 
 def stack_group(slots: List[Slot], T: int, need_valid: bool) -> SlotGroup:

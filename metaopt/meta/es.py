@@ -35,23 +35,34 @@ The particles' params and rule states and ``xi`` live in ``slot.extra`` (keys ``
 exactly; after a slot reset ``slot.extra`` is empty and both particles restart from the slot's
 fresh weights with ``xi = 0``.
 
-Both schemes also advance each slot's own (unperturbed, theta) run one window on the same
-batches: that run is what the trainer logs (meta-loss at theta, comparable with other schemes),
-checks for divergence and resets. Perturbations come from the slot's own generator (after its
-batches), so a checkpoint/resume reproduces them.
+What the slot itself holds after the window (what the trainer logs, checks for divergence and
+resets) is chosen by ``theta_run``:
 
-The ``2N + 1`` runs of a slot (N positive, N negative particles, then the unperturbed run) are
-one vmap over particles, inside the slot engine's vmap over same-signature slots: one batched
-call per group for the whole meta-batch.
+* ``theta_run=True`` (default): each slot also advances its own unperturbed run (theta) one
+  window on the same batches: the logged meta-loss is the loss at theta, comparable with other
+  schemes, and ES's next window starts from the theta run. It costs one more run per slot
+  (``2N + 1`` instead of ``2N``: 1.5x the work with one pair per slot).
+* ``theta_run=False``: no extra run. The slot's params/state are the mean over its ``2N``
+  particles (the mean of each antithetic pair is the theta run up to ``O(sigma^2)``), its logged
+  meta-loss and train loss the mean of the particles' (the Gaussian-smoothed loss, not the loss
+  at theta). ES's next window then starts from that mean state. The estimate of a window is the
+  same formula either way.
+
+Perturbations come from the slot's own generator (after its batches), so a checkpoint/resume
+reproduces them.
+
+Every run of every slot of a signature group -- ``K`` slots x ``2N`` particles (``+1``) -- is ONE
+flat ``torch.func.vmap`` call: theta, params, state and the (shared, per-slot) batches are laid
+out on one leading ``K * R`` dim, so each inner op is one batched kernel and no vmap nests
+inside another. Antithetic pairs (and the theta run) share their slot's batches.
 """
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
-from torch.func import vmap
 
-from metaopt.meta.engine import SlotGroup, run_slots, stack_dicts
+from metaopt.meta.engine import SlotGroup, batched, run_slots, stack_dicts, tree_map
 from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.slots import Slot
 from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
@@ -72,8 +83,20 @@ def unflatten_theta(vec: torch.Tensor, theta: Params) -> Params:
     return out
 
 
+def _repeat_runs(tree, R: int):
+    """[K, ...] -> [K * R, ...]: each slot's tensors once per run (slot-major)."""
+    return {k: v.repeat_interleave(R, dim=0) for k, v in tree.items()}
+
+
+def _mean_state(v: torch.Tensor) -> torch.Tensor:
+    """Mean over the particle dim (dim 1) for float tensors; integer counters are equal across
+    particles, take the first."""
+    return v.mean(1) if v.is_floating_point() else v[:, 0]
+
+
 class _Perturbed(Scheme):
-    def __init__(self, truncation: int = 20, num_samples: int = 8, sigma: float = 0.01):
+    def __init__(self, truncation: int = 20, num_samples: int = 8, sigma: float = 0.01,
+                 theta_run: bool = True):
         if truncation < 1:
             raise ValueError(f"Invalid truncation: {truncation}")
         if num_samples < 1:
@@ -82,9 +105,11 @@ class _Perturbed(Scheme):
             raise ValueError(f"Invalid sigma: {sigma}")
         self.truncation = self.window = int(truncation)
         self.num_samples, self.sigma = int(num_samples), float(sigma)
+        self.theta_run = bool(theta_run)
 
     def config(self):
-        return dict(truncation=self.truncation, num_samples=self.num_samples, sigma=self.sigma)
+        return dict(truncation=self.truncation, num_samples=self.num_samples, sigma=self.sigma,
+                    theta_run=self.theta_run)
 
     def noise(self, slot: Slot, ref: torch.Tensor) -> torch.Tensor:
         """[N, P] perturbations e_i ~ N(0, sigma^2 I), drawn from the slot's generator."""
@@ -97,40 +122,51 @@ class _Perturbed(Scheme):
         raise NotImplementedError
 
     def carried(self, o: UnrollOut, direction: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """slot.extra after the window (``o``: the group's particles, [K, 2N+1, ...])."""
+        """slot.extra after the window (``o``: the group's runs, [K, R, ...])."""
         return {}
 
     def estimate(self, rule, theta, slots, meta_loss: MetaLoss):
         flat = flatten_theta(theta)
-        N = self.num_samples
-        dims = (0, 0, 0, 0, 0, 0 if meta_loss.needs_valid else None)
+        N, R = self.num_samples, 2 * self.num_samples + int(self.theta_run)
+        need_valid = meta_loss.needs_valid
 
         def group_fn(g: SlotGroup):
+            K = g.size
             e = torch.stack([self.noise(s, flat) for s in g.slots])             # [K, N, P]
             parts = [self.particles(s, flat, e[j]) for j, s in enumerate(g.slots)]
             direction = torch.stack([d for _, _, d in parts])                    # [K, N, P]
-            # particles 0..N-1: theta + e, N..2N-1: theta - e, 2N: theta itself (the slot's run)
-            shifts = torch.cat([e, -e, torch.zeros_like(e[:, :1])], dim=1)
-            thetas = unflatten_theta(flat + shifts, theta)                       # [K, 2N+1, ...]
+            # runs 0..N-1: theta + e, N..2N-1: theta - e, (2N: theta itself, the slot's run)
+            shifts = [e, -e] + ([torch.zeros_like(e[:, :1])] if self.theta_run else [])
+            thetas = unflatten_theta((flat + torch.cat(shifts, dim=1)).reshape(K * R, -1), theta)
 
-            def cat(i, cur):  # the slots' 2N particles, then their current run
-                st = stack_dicts([p[i] for p in parts])
-                return {k: torch.cat([st[k], cur[k][:, None]], dim=1) for k in cur}
+            def runs(i, cur):  # [K * R, ...]: the slots' 2N particles (then their current run)
+                st = stack_dicts([p[i] for p in parts])                          # [K, 2N, ...]
+                if self.theta_run:
+                    st = {k: torch.cat([st[k], cur[k][:, None]], dim=1) for k in cur}
+                return {k: v.reshape((K * R,) + tuple(v.shape[2:])) for k, v in st.items()}
 
-            def slot_fn(th, p, b, s, tb, vb):
-                run = lambda th_, p_, s_: unroll(rule, th_, g.apply, p_, b, s_, tb, vb, meta_loss)
-                return vmap(run)(th, p, s)
-            o = g.vmap(slot_fn, in_dims=dims)(thetas, cat(0, g.params), g.buffers,
-                                              cat(1, g.state), g.train, g.valid)
-            L = o.meta_loss                                                      # [K, 2N+1]
+            tb = tuple(b.repeat_interleave(R, dim=0) for b in g.train)
+            vb = tuple(b.repeat_interleave(R, dim=0) for b in g.valid) if need_valid else None
+            run = lambda th_, p_, b_, s_, tb_, vb_: unroll(rule, th_, g.apply, p_, b_, s_, tb_,
+                                                           vb_, meta_loss)
+            o = batched(run, K * R, in_dims=(0, 0, 0, 0, 0, 0 if need_valid else None))(
+                thetas, runs(0, g.params), _repeat_runs(g.buffers, R), runs(1, g.state), tb, vb)
+            o = tree_map(lambda t: t.reshape((K, R) + tuple(t.shape[1:])), o)
+            L = o.meta_loss                                                      # [K, R]
             grad = ((L[:, :N] - L[:, N:2 * N])[..., None] * direction).sum(1) / (
                 2 * N * self.sigma ** 2)
-            last = lambda d: {k: v[:, -1] for k, v in d.items()}
-            return UnrollOut(L[:, -1], o.train_loss[:, -1], last(o.params), last(o.state),
-                             self.carried(o, direction)), grad
+            if self.theta_run:
+                last = lambda d: {k: v[:, -1] for k, v in d.items()}
+                out = UnrollOut(L[:, -1], o.train_loss[:, -1], last(o.params), last(o.state),
+                                self.carried(o, direction))
+            else:  # the mean over the particles (each antithetic pair's mean) is the slot's run
+                mean = lambda d: {k: _mean_state(v) for k, v in d.items()}
+                out = UnrollOut(L.mean(1), o.train_loss.mean(1), mean(o.params), mean(o.state),
+                                self.carried(o, direction))
+            return out, grad
 
         with torch.no_grad():
-            res = run_slots(slots, self.truncation, meta_loss.needs_valid, group_fn)
+            res = run_slots(slots, self.truncation, need_valid, group_fn)
         g = torch.stack([r[1] for r in res]).mean(0)
         return unflatten_theta(g, theta), [r[0] for r in res]
 
