@@ -266,6 +266,8 @@ class ESConf(SchemeConf):
     truncation: int = 20
     num_samples: int = 8             # antithetic pairs per slot
     sigma: float = 0.01
+    theta_run: bool = True           # also run theta itself (exact logged loss); false: the
+                                     # particles' mean is the slot's run (2N runs, not 2N+1)
 
 
 @dataclass
