@@ -197,3 +197,12 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     runs = sorted(tmp_path.glob("*/metrics.csv"))
     assert len(runs) == 2 and all(len(p.read_text().split()) == 3 for p in runs)
     assert len(list(tmp_path.glob("*/checkpoints/last/theta.safetensors"))) == 2
+
+
+def test_multirun_under_torchrun_is_a_one_line_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "metaopt.cli.train", "-m", "meta.outer_steps=1",
+                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, WORLD_SIZE="2"), timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: metaopt-train -m (multirun) under "
+                                                          "torchrun is not supported")

@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt.cli.common import config_dir, one_line_errors
-from metaopt.cli.config import (build_family, build_rule, build_scheme, build_train_config,
-                                register_configs)
+from metaopt.cli.config import (build_family, build_local, build_rule, build_scheme,
+                                build_train_config, register_configs)
 
 log = logging.getLogger("metaopt.train")
 register_configs()
@@ -38,6 +38,7 @@ def run_train(cfg: DictConfig, out_dir: str) -> float:
     family = build_family(cfg.task, train_cfg.dtype)
     rule = build_rule(cfg.rule)
     scheme = build_scheme(cfg.scheme)
+    family, scheme = build_local(cfg.get("local"), family, scheme)
     trainer = MetaTrainer(rule, family, scheme, train_cfg, out_dir,
                           resolved_config=OmegaConf.to_container(cfg, resolve=True), dist=dist)
     if cfg.resume:
@@ -67,7 +68,13 @@ def _shared_out_dir(dist, out_dir: str) -> str:
 @hydra.main(config_path=config_dir(), config_name="train", version_base=None)
 @one_line_errors
 def main(cfg: DictConfig) -> float:
-    return run_train(cfg, HydraConfig.get().runtime.output_dir)
+    import os
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("metaopt-train -m (multirun) under torchrun is not supported: launch one "
+                         "torchrun per run, or sweep with hydra/launcher=submitit_slurm")
+    return run_train(cfg, hc.runtime.output_dir)
 
 
 if __name__ == "__main__":
