@@ -284,3 +284,29 @@ def test_one_line_errors():
         LocalTask(base, inner="nope")
     with pytest.raises(ValueError, match=r"local.weights"):
         LocalTask(base, weights=[1.0, 2.0])
+
+
+# -- the local config group ----------------------------------------------------------------------
+def test_local_config_group_composes_and_builds():
+    from hydra import compose, initialize_config_dir
+    from metaopt.cli.common import CONF_DIR
+    from metaopt.cli.config import build_family, build_local, build_scheme, register_configs
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        built = {}
+        for opt in ("none", "local", "mixed", "inner_local"):
+            cfg = compose(config_name="train", overrides=[
+                "task=digits_mlp", "task.depths=[2]", f"local={opt}"])
+            fam, scheme = build_local(cfg.local, build_family(cfg.task), build_scheme(cfg.scheme))
+            built[opt] = (fam, scheme)
+        assert not isinstance(built["none"][1], LocalMeta)
+        assert built["local"][1].meta == "local" and built["local"][0].inner == "local"
+        assert built["mixed"][1].meta == "mixed" and built["inner_local"][1].meta == "global"
+        assert isinstance(built["local"][0].sample_seeded(0), LocalTask)
+        cfg = compose(config_name="train", overrides=["local=local", "scheme=es"])
+        with pytest.raises(ValueError, match=r"local: task .* plain layered task"):
+            build_local(cfg.local, build_family(cfg.task), build_scheme(cfg.scheme))
+        cfg = compose(config_name="train", overrides=["task=digits_mlp", "local=local",
+                                                      "scheme=es"])
+        with pytest.raises(ValueError, match=r"local.meta='local' is not supported by scheme='es'"):
+            build_local(cfg.local, build_family(cfg.task), build_scheme(cfg.scheme))

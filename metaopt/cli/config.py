@@ -275,6 +275,18 @@ class PESConf(ESConf):
     name: str = "pes"
 
 
+# -- local/ -----------------------------------------------------------------------------------
+@dataclass
+class LocalConf:
+    """Local per-layer losses (metaopt.tasks.local, metaopt.meta.local); ``none`` = off."""
+    inner: str = "global"            # global | local | mixed: the inner training loss
+    meta: str = "global"             # global | local | mixed: the meta-gradient
+    layers: Optional[List[int]] = None   # hidden units that get a head (null = all but the last)
+    kind: str = "linear"             # linear (to the targets) | recon (reconstruct the block input)
+    weights: List[float] = field(default_factory=lambda: [1.0])  # one per head, or one for all
+    mix: float = 0.5                 # meta=mixed: (1 - mix) * global + mix * local
+
+
 # -- eval/ ------------------------------------------------------------------------------------
 @dataclass
 class EvalConf:
@@ -326,6 +338,10 @@ def register_configs() -> None:
     cs.store(group="scheme", name="continuous", node=ContinuousConf)
     cs.store(group="scheme", name="es", node=ESConf)
     cs.store(group="scheme", name="pes", node=PESConf)
+    cs.store(group="local", name="none", node=LocalConf)
+    cs.store(group="local", name="local", node=LocalConf(inner="local", meta="local"))
+    cs.store(group="local", name="mixed", node=LocalConf(inner="mixed", meta="mixed"))
+    cs.store(group="local", name="inner_local", node=LocalConf(inner="local", meta="global"))
     cs.store(group="meta", name="default", node=TrainConfig)
     cs.store(group="eval", name="default", node=EvalConf)
     cs.store(group="speedup", name="default", node=SpeedupConf)
@@ -367,3 +383,17 @@ def build_train_config(meta_cfg) -> TrainConfig:
     cfg = TrainConfig(**OmegaConf.to_container(meta_cfg, resolve=True))
     cfg.validate()
     return cfg
+
+
+def build_local(local_cfg, family, scheme):
+    """(family, scheme) with local heads and ``local.meta`` applied; unchanged when ``local`` is
+    absent or both modes are ``global`` (today's behaviour, no heads)."""
+    if local_cfg is None or (local_cfg.inner == "global" and local_cfg.meta == "global"):
+        return family, scheme
+    from metaopt.meta.local import LocalMeta
+    from metaopt.tasks.local import LocalFamily, LocalTask
+    d = OmegaConf.to_container(local_cfg, resolve=True)
+    weights = d["weights"][0] if len(d["weights"]) == 1 else d["weights"]
+    fam = LocalFamily(family, d["layers"], d["kind"], weights, d["inner"])
+    LocalTask(family.sample_seeded(0), d["layers"], d["kind"], weights, d["inner"])  # fail early
+    return fam, LocalMeta(scheme, d["meta"], d["mix"])

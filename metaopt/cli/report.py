@@ -5,7 +5,7 @@ For every run directory (one with metrics.csv) it reads the meta-training curve,
 run's final rule on held-out tasks of its own training family (fresh seeds, the same tasks for
 every run), and writes
 
-* ``report.csv`` -- one row per run: overrides, scheme, final meta-loss, wall time, inner steps,
+* ``report.csv`` -- one row per run: overrides, scheme, local mode (``local.inner``/``local.meta``), final meta-loss, wall time, inner steps,
   held-out validation loss of the learned rule (mean over tasks) and of Adam(1e-3) on the same tasks;
 * ``meta_loss_vs_time.png``, ``meta_loss_vs_inner_steps.png`` (meta-loss curves, final meta-loss
   per run, held-out losses: :func:`metaopt.viz.plot_sweep`), ``heldout.png``;
@@ -72,8 +72,12 @@ def make_report(sweep_dir: Path, eval_steps: int = 200, eval_tasks: int = 3,
         finite = [r["meta_loss"] for r in m if math.isfinite(r["meta_loss"])]
         tail = finite[-max(1, len(finite) // 10):] if finite else [math.nan]
         cfg_path = run / "checkpoints" / "last" / "config.yaml"
-        scheme = yaml.safe_load(cfg_path.read_text())["scheme"]["name"] if cfg_path.exists() else "?"
-        row = {"run": label, "scheme": scheme, "outer_steps": int(m[-1]["outer_step"]) if m else 0,
+        run_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+        scheme = run_cfg["scheme"]["name"] if run_cfg else "?"
+        loc = run_cfg.get("local") or {}
+        row = {"run": label, "scheme": scheme,
+               "local": f"inner={loc.get('inner', 'global')},meta={loc.get('meta', 'global')}",
+               "outer_steps": int(m[-1]["outer_step"]) if m else 0,
                "final_meta_loss": sum(tail) / len(tail),
                "wall_time_s": m[-1]["wall_time"] if m else math.nan,
                "inner_steps": int(m[-1]["inner_steps"]) if m else 0,

@@ -67,7 +67,7 @@ def check_rule(rule, meta: str) -> None:
 
 def slice_state(state: Params, idx: Tensor, numel: int) -> Params:
     """The entries of a flat rule state (last dim = all coordinates) at ``idx``; scalars kept."""
-    return {k: v.index_select(-1, idx) if (v.dim() >= 1 and v.shape[-1] == numel) else v
+    return {k: v.index_select(-1, idx.to(v.device)) if (v.dim() >= 1 and v.shape[-1] == numel) else v
             for k, v in state.items()}
 
 
@@ -125,7 +125,7 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
         y_meta = (g.valid[1] if ml.needs_valid else g.train[1])[:, reads]
         p0 = {k: v[0] for k, v in g.params.items()}
         numel = FlatSpec.of(p0).numel
-        meta_total = torch.zeros(g.size, dtype=train_loss.dtype)
+        meta_total = torch.zeros(g.size, dtype=train_loss.dtype, device=train_loss.device)
         for l in range(task.num_blocks):
             names = [k for k in g.params if k in set(task.block_names(l))]
             idx = block_index(p0, names)

@@ -222,6 +222,11 @@ class LocalTask(Task):
             raise ValueError(f"Invalid local.inner: {inner!r} (use one of {', '.join(INNER_MODES)})")
         if kind not in HEAD_KINDS:
             raise ValueError(f"Invalid local.kind: {kind!r} (use one of {', '.join(HEAD_KINDS)})")
+        if type(base).apply is not Task.apply or set(base.param_shapes()) != {
+                n for n, _ in base.module.named_parameters()}:
+            raise ValueError(f"local: task {base!r} ({type(base).__name__}) computes its loss its "
+                             f"own way; local heads need a plain layered task (task=digits_mlp, "
+                             f"digits_conv, digits_ae or char_lm)")
         n_units = _layered(base.module)[0]
         cuts = tuple(range(n_units - 1)) if layers is None else tuple(sorted(int(i) for i in layers))
         if any(c < 0 or c >= n_units - 1 for c in cuts) or len(set(cuts)) != len(cuts):
