@@ -95,7 +95,7 @@ def blockwise_reference(task, rule, theta, params, state, tb, vb, T, ml, l):
             v = task.block_loss(l, p, task.buffers, x_in, y)
             metas.append(torch.log(v) if ml.log else v)
     M = task.block_weight(l) * torch.stack(metas).mean()
-    return torch.autograd.grad(M, list(theta.values())), float(M.detach())
+    return torch.autograd.grad(M, list(theta.values())), float(M.detach()), (p, s)
 
 
 @pytest.mark.parametrize("inner,meta_loss,rule_name", [
@@ -112,13 +112,18 @@ def test_local_meta_gradient_is_sum_of_blockwise_autograd(inner, meta_loss, rule
     wins = windows(slots, T, ml)
     out = LocalMeta(Nested(truncation=T), "local").meta_gradient(rule, theta, slots, ml)
     ref = [torch.zeros_like(v) for v in theta.values()]
-    for s, (tb, vb), m in zip(slots, wins, out.meta_losses):
+    for s, (tb, vb), m, p_out, s_out in zip(slots, wins, out.meta_losses, out.params, out.states):
         total = 0.0
         for l in range(task.num_blocks):
-            g, M = blockwise_reference(s.task, rule, theta, s.params, s.state, tb, vb, T, ml, l)
+            g, M, (p_end, s_end) = blockwise_reference(s.task, rule, theta, s.params, s.state, tb, vb, T,
+                                              ml, l)
             ref = [r + gi / len(slots) for r, gi in zip(ref, g)]
             total += M
         assert m == pytest.approx(total, rel=1e-10)
+        # the slot advanced along the actual (whole-network) trajectory: params and rule state
+        for got, want in ((p_out, p_end), (s_out, s_end)):
+            for k in want:
+                torch.testing.assert_close(got[k], want[k].detach(), rtol=1e-10, atol=1e-12)
     assert any(float(r.abs().max()) > 0 for r in ref)
     for k, r in zip(theta, ref):
         torch.testing.assert_close(out.grads[k], r, rtol=1e-9, atol=1e-12)

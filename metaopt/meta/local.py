@@ -29,7 +29,7 @@ They work with ``scheme=nested`` (vmap meta-batch included; ``checkpoint`` is no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import List
 
 import torch
 from torch import Tensor
@@ -95,7 +95,9 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
         if not hasattr(task, "block_loss"):
             raise ValueError(f"local.meta=local needs local heads: task {task!r} has none "
                              f"(build the family with local heads, e.g. metaopt-train local=local)")
-        need_params = task.inner != "local"
+        if task.inner == "local":
+            return _greedy_group(g, task)
+        need_params = True
 
         # 1) the actual trajectory, no graph: each block's input at every step (train batch at
         #    w_t; meta-loss batch at w_{t+1}) and, when blocks read each other, all params
@@ -161,6 +163,64 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
             meta_total = meta_total + L.detach()
             del L
         return UnrollOut(meta_total, train_loss, p_end, s_end)
+
+    def _greedy_group(g: SlotGroup, task) -> UnrollOut:
+        # inner=local: block l's inner gradient reads only its own params and its input, and its
+        # input trajectory is block l-1's output trajectory. So one pass over the blocks, in order,
+        # is the whole window: block l's T steps run differentiably from block l-1's recorded
+        # outputs, its meta-loss is backpropagated and its graph freed, and its own outputs (train
+        # batch at w_t, meta batch at w_{t+1}; detached) are what block l+1 reads.
+        reads = [t for t in range(T) if ml.reads(t, T)]
+        x_train = g.train[0]
+        x_meta = (g.valid[0] if ml.needs_valid else g.train[0])[:, reads]
+        y_train = g.train[1]
+        y_meta = (g.valid[1] if ml.needs_valid else g.train[1])[:, reads]
+        p0 = {k: v[0] for k, v in g.params.items()}
+        numel = FlatSpec.of(p0).numel
+        p_end, s_end = {}, dict(g.state)
+        meta_total = train_total = 0.0
+        for l in range(task.num_blocks):
+            names = [k for k in g.params if k in set(task.block_names(l))]
+            idx = block_index(p0, names)
+            w = task.block_weight(l)
+
+            def block_run(p, b, s, x_l, y, xm_l, ym):
+                pl = {k: p[k] for k in names}
+                sl = slice_state(s, idx, numel)
+                metas, losses, outs, outs_m = [], [], [], []
+                for t in range(T):
+                    def fn(q):
+                        loss, h = task.block_loss_out(l, q, b, x_l[t], y[t])
+                        return w * loss, h
+                    gr, (loss, h) = grad_and_value(fn, has_aux=True)(pl)
+                    outs.append(h.detach())
+                    losses.append(loss.detach())
+                    upd, sl = rule.update(theta, gr, sl, pl, {"loss": loss, "act": None})
+                    pl = {k: pl[k] + upd[k].to(pl[k].dtype) for k in pl}
+                    if t in reads:
+                        j = reads.index(t)
+                        v, hm = task.block_loss_out(l, pl, b, xm_l[j], ym[j])
+                        outs_m.append(hm.detach())
+                        metas.append(torch.log(v) if ml.log else v)
+                return (w * torch.stack(metas).mean(), torch.stack(losses).mean(), pl, sl,
+                        torch.stack(outs), torch.stack(outs_m))
+
+            L, tl, pl, sl, x_train, x_meta = g.vmap(block_run, in_dims=(0, 0, 0, 0, 0, 0, 0))(
+                g.params, g.buffers, g.state, x_train, y_train, x_meta, y_meta)
+            if keys and L.requires_grad:
+                found = torch.autograd.grad(L.sum() / K, [theta[k] for k in keys], allow_unused=True)
+                for k, d in zip(keys, found):
+                    if d is not None:
+                        grads[k] = grads[k] + d
+            meta_total = meta_total + L.detach()
+            train_total = train_total + tl
+            p_end.update({k: v.detach() for k, v in pl.items()})
+            for k, v in sl.items():
+                v = v.detach()
+                s_end[k] = s_end[k].index_copy(-1, idx.to(v.device), v) if (
+                    s_end[k].dim() >= 2 and s_end[k].shape[-1] == numel) else v
+            del L, pl, sl
+        return UnrollOut(meta_total, train_total, {k: p_end[k] for k in g.params}, s_end)
 
     outs = run_slots(slots, T, ml.needs_valid, group_fn, use_vmap)
     return grads, outs

@@ -181,6 +181,9 @@ class LocalModule(nn.Module):
                 block: int = -1):
         if what == "block":     # block ``block``'s local loss from its (given) input x
             return self.block_loss(block, x, self.block(block, x), y)
+        if what == "block_out":  # the same and the block's output (the next block's input)
+            h = self.block(block, x)
+            return self.block_loss(block, x, h, y), h
         if what == "inputs":    # every block's input (x_0 = raw input) and the last output
             return tuple(self.block_inputs(x))
         if y is None:           # the network's outputs (heads unused)
@@ -291,6 +294,12 @@ class LocalTask(Task):
     def block_loss(self, l: int, params: Params, buffers: Params, x_in: Tensor, y: Tensor) -> Tensor:
         return functional_call(self.module, {**params, **buffers}, (x_in, y),
                                {"what": "block", "block": l})
+
+    def block_loss_out(self, l: int, params: Params, buffers: Params, x_in: Tensor,
+                       y: Tensor) -> Tuple[Tensor, Tensor]:
+        """(block l's local loss, block l's output) from its input ``x_in``."""
+        return functional_call(self.module, {**params, **buffers}, (x_in, y),
+                               {"what": "block_out", "block": l})
 
     def outputs(self, params: Params, x: Tensor, buffers: Optional[Params] = None) -> Tensor:
         return functional_call(self.module, {**params, **(self.buffers if buffers is None
