@@ -307,17 +307,19 @@ def test_es_estimate_matches_window_gradient():
     assert out.meta_losses == pytest.approx(ref.meta_losses, rel=1e-12)
 
 
-def test_pes_is_unbiased_over_truncations_where_truncated_es_is_not():
+@pytest.mark.parametrize("theta_run", [True, False])
+def test_pes_is_unbiased_over_truncations_where_truncated_es_is_not(theta_run):
     """M truncations of W steps, theta fixed: the mean PES estimate matches backprop through the
     whole M*W-step run (valid_mean), relative error < 0.2 (measured 0.08, cosine 0.997); truncated
-    ES on the same truncations misses the cross-truncation effect (measured 0.52)."""
+    ES on the same truncations misses the cross-truncation effect (measured 0.52). With or
+    without the extra unperturbed run (``theta_run``): PES's particles are the same either way."""
     rule = make_rule(*ES_RULE[:1], **ES_RULE[1])
     theta = init_theta(rule)
     M, W = 4, 3
     ref = Nested(truncation=M * W).meta_gradient(rule, theta, make_slots(rule), "valid_mean").grads
     means = {}
     for cls in (PES, ES):
-        sch, slots = cls(truncation=W, num_samples=1000, sigma=0.01), make_slots(rule)
+        sch, slots = cls(truncation=W, num_samples=1000, sigma=0.01, theta_run=theta_run), make_slots(rule)
         acc = {k: torch.zeros_like(v) for k, v in theta.items()}
         for _ in range(M):
             out = sch.meta_gradient(rule, theta, slots, "valid_mean")
@@ -327,6 +329,29 @@ def test_pes_is_unbiased_over_truncations_where_truncated_es_is_not():
     assert rel_err(means["pes"], ref) < 0.2 and cosine(means["pes"], ref) > 0.95
     assert rel_err(means["es"], ref) > 0.4
     assert all(not s.extra for s in slots)  # (truncated ES carries nothing across truncations)
+
+
+def test_without_theta_run_the_slot_is_the_particles_mean():
+    """theta_run=False: no unperturbed run; the slot's params/state/losses are the means over its
+    2N particles -- the theta run up to O(sigma^2) -- and the estimate is unchanged (same noise,
+    same particles)."""
+    rule = make_rule(*ES_RULE[:1], **ES_RULE[1])
+    theta = init_theta(rule)
+    ref = Nested(truncation=3).meta_gradient(rule, theta, make_slots(rule), "valid_mean")
+    for cls in (ES, PES):
+        with_run = cls(truncation=3, num_samples=4, sigma=0.01).meta_gradient(
+            rule, theta, make_slots(rule), "valid_mean")
+        out = cls(truncation=3, num_samples=4, sigma=0.01, theta_run=False).meta_gradient(
+            rule, theta, make_slots(rule), "valid_mean")
+        torch.testing.assert_close(flat(out.grads), flat(with_run.grads), rtol=1e-12, atol=1e-14)
+        for a, b in zip(out.params, ref.params):
+            assert not torch.equal(a["w"], b["w"])          # a mean of perturbed runs, not theta's
+            torch.testing.assert_close(a["w"], b["w"], rtol=1e-4, atol=1e-6)  # ... up to O(sigma^2)
+        assert out.meta_losses == pytest.approx(ref.meta_losses, rel=1e-3)
+        if cls is PES:
+            x = out.extras[0]
+            mean_w = torch.cat([x["pes.pos.p.w"], x["pes.neg.p.w"]]).mean(0)
+            torch.testing.assert_close(out.params[0]["w"], mean_w, rtol=1e-14, atol=1e-15)
 
 
 def test_pes_first_truncation_is_es_and_particles_are_carried():

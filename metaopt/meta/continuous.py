@@ -135,8 +135,10 @@ class Continuous(Scheme):
     def window_losses(self, rule, theta, slots, meta_loss):
         """Per-slot UnrollOut results, differentiable w.r.t. theta."""
         ml = get_meta_loss(meta_loss)
+        # a last-step meta-loss keeps only the window's last validation batch (same draws)
         return run_slots(slots, self.window, ml.needs_valid,
-                         lambda g: self._solve_group(rule, theta, g, ml), self.use_vmap)
+                         lambda g: self._solve_group(rule, theta, g, ml), self.use_vmap,
+                         last_valid=ml.last_only)
 
     def estimate(self, rule, theta, slots, meta_loss):
         outs = self.window_losses(rule, theta, slots, meta_loss)
@@ -208,8 +210,9 @@ class Continuous(Scheme):
         loss_at = g.vmap(lambda p, b, tb_, vb_: ml(apply, p, b, tb_, vb_),
                          in_dims=(0, 0, 0, 0 if ml.needs_valid else None))
         batch_at = lambda src, k: tuple(x[:, k] for x in src) if src is not None else None
-        per_step = [loss_at(dict(zip(pkeys, at(k + 1)[:n_p])), bufs, batch_at(tb, k), batch_at(vb, k))
-                    for k in range(T) if ml.reads(k, T)]
+        vk = lambda k: 0 if ml.last_only else k  # last_only: valid holds the last batch only
+        per_step = [loss_at(dict(zip(pkeys, at(k + 1)[:n_p])), bufs, batch_at(tb, k),
+                            batch_at(vb, vk(k))) for k in range(T) if ml.reads(k, T)]
         meta = torch.stack(per_step).mean(0)
         train = torch.stack([train_losses[k] for k in range(T)]).mean(0)
         yT = at(T)

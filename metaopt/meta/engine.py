@@ -27,10 +27,31 @@ from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
 from metaopt.types import Batch, Params, State
 
 
-def sample_window(slot: Slot, T: int, need_valid: bool):
-    """T training batches (and T validation batches) from the slot's generator, stacked [T, ...]."""
-    batches = slot.task.sample_batches("train", T, slot.gen)
-    valid = slot.task.sample_batches("valid", T, slot.gen) if need_valid else None
+def _draw(slot: Slot, split: str, n: int, keep_last: bool = False):
+    """``n`` batches of ``split`` stacked [n, ...] (the draws of ``Task.sample_batches``), written
+    into one preallocated tensor per part (no list-then-stack double copy); ``keep_last``: the
+    generator is advanced by all ``n`` draws but only the last batch is kept ([1, ...])."""
+    first = slot.task.sample_batch(split, slot.gen)
+    if keep_last:
+        last = first
+        for _ in range(n - 1):
+            last = slot.task.sample_batch(split, slot.gen)
+        return tuple(x.unsqueeze(0) for x in last)
+    out = tuple(torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device) for x in first)
+    for o, x in zip(out, first):
+        o[0] = x
+    for t in range(1, n):
+        for o, x in zip(out, slot.task.sample_batch(split, slot.gen)):
+            o[t] = x
+    return out
+
+
+def sample_window(slot: Slot, T: int, need_valid: bool, last_valid: bool = False):
+    """T training batches (and T validation batches) from the slot's generator, stacked [T, ...].
+    ``last_valid``: the same draws, but only the last validation batch is kept ([1, ...]; for a
+    meta-loss that reads only the window's last step, so memory does not grow with T)."""
+    batches = _draw(slot, "train", T)
+    valid = _draw(slot, "valid", T, keep_last=last_valid) if need_valid else None
     return batches, valid
 
 
@@ -43,6 +64,10 @@ def group_by_signature(slots: List[Slot]) -> List[List[int]]:
 
 
 def stack_dicts(dicts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """Stack along a new dim 0; a lone dict gets a view (no copy: nothing here writes in place,
+    and a forward-mode sensitivity is large)."""
+    if len(dicts) == 1:
+        return {k: v.unsqueeze(0) for k, v in dicts[0].items()}
     return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]} if dicts else {}
 
 
@@ -94,10 +119,12 @@ def batched(fn: Callable, n: int, in_dims=0) -> Callable:
     return single
 
 
-def stack_group(slots: List[Slot], T: int, need_valid: bool) -> SlotGroup:
-    windows = [sample_window(s, T, need_valid) for s in slots]
+def stack_group(slots: List[Slot], T: int, need_valid: bool, last_valid: bool = False) -> SlotGroup:
+    windows = [sample_window(s, T, need_valid, last_valid) for s in slots]
     task = slots[0].task
-    stack = lambda parts: tuple(torch.stack(x) for x in zip(*parts))
+    # a lone slot's window is a view, not a copy
+    stack = lambda parts: tuple(x[0].unsqueeze(0) if len(x) == 1 else torch.stack(x)
+                                for x in zip(*parts))
     return SlotGroup(slots=slots, apply=task.apply,
                      params=stack_dicts([s.params for s in slots]),
                      buffers=stack_dicts([s.task.buffers for s in slots]) if task.buffers else {},
@@ -107,13 +134,14 @@ def stack_group(slots: List[Slot], T: int, need_valid: bool) -> SlotGroup:
 
 
 def run_slots(slots: List[Slot], T: int, need_valid: bool, group_fn: Callable[[SlotGroup], object],
-              use_vmap: bool = True) -> list:
+              use_vmap: bool = True, last_valid: bool = False) -> list:
     """``group_fn`` over every signature group (singletons when ``use_vmap=False``); one result
-    per slot, in slot order (the slot dim indexed away)."""
+    per slot, in slot order (the slot dim indexed away). ``last_valid``: see :func:`sample_window`
+    (the group's ``valid`` is then [K, 1, ...])."""
     results: list = [None] * len(slots)
     groups = group_by_signature(slots) if use_vmap else [[i] for i in range(len(slots))]
     for idx in groups:
-        out = group_fn(stack_group([slots[i] for i in idx], T, need_valid))
+        out = group_fn(stack_group([slots[i] for i in idx], T, need_valid, last_valid))
         for j, i in enumerate(idx):
             results[i] = tree_map(lambda t: t[j], out)
     return results
