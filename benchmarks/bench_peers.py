@@ -12,7 +12,8 @@ over the window; outer optimizer Adam; float32. One outer step =
 * PES -- one antithetic pair per task (16 perturbed runs), sigma 0.01: metaopt
   ``PES(truncation=20, num_samples=1)``, with ``theta_run=False`` (2 runs per slot; the pair mean
   is the logged run) and with the default ``theta_run=True`` (a third, unperturbed run per slot
-  for exact logging); peer ``TruncatedPES(trunc_length=20, steps_per_jit=20, std=0.01)``.
+  for exact logging); ``--compile`` adds ``theta_run=False, compile=True``; peer
+  ``TruncatedPES(trunc_length=20, steps_per_jit=20, std=0.01)``.
 
 metaopt is timed through ``MetaTrainer.train_step`` (scheme + outer Adam + slot resets), the peer
 through ``SingleMachineGradientLearner.update`` over a ``VectorizedLOptTruncatedStep`` (its own
@@ -175,6 +176,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed outer steps first (jit etc.)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-peer", action="store_true", help="do not import the peer: use PEER_JSON")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time PES with compile=True (torch.compile of the single-task step; "
+                         "its compile happens in the warm-up)")
     ap.add_argument("--write-peer-json", action="store_true",
                     help=f"store the peer's medians in {os.path.relpath(PEER_JSON)}")
     args = ap.parse_args(argv)
@@ -195,6 +199,9 @@ def main(argv=None):
         "metaopt pes (theta_run=True)": metaopt_step("pes", args.seed, num_samples=1,
                                                      theta_run=True),
     }
+    if args.compile:
+        runs["metaopt pes (theta_run=False, compile)"] = metaopt_step(
+            "pes", args.seed, num_samples=1, theta_run=False, compile=True)
     peer_live, peer_note = False, ""
     if not args.no_peer:
         try:
@@ -257,6 +264,8 @@ def main(argv=None):
     print(f"\npeer figures: {peer['source']}")
     rows = [("nested", "metaopt nested"), ("pes", "metaopt pes (theta_run=False)"),
             ("pes", "metaopt pes (theta_run=True)")]
+    if args.compile:
+        rows.append(("pes", "metaopt pes (theta_run=False, compile)"))
     for key, name in rows:
         r = peer[key] / med[name]
         print(f"  peer / {name:34s} = {r:5.2f}x  (goal >= {GOAL:.0f}x: "

@@ -16,6 +16,8 @@ inside it, so perturbed runs of every slot are one batched call too.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from metaopt.meta.slots import Slot
-from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
+from metaopt.meta.unroll import MetaLoss, UnrollOut, inner_step, stacked_unroll, unroll
 from metaopt.types import Batch, Params, State
 
 
@@ -149,9 +151,18 @@ def run_slots(slots: List[Slot], T: int, need_valid: bool, group_fn: Callable[[S
 
 # -- the backprop estimator, shared by nested (a T-step window) and interleaved one-step (T = 1) --
 def backprop_window(rule, theta: Params, slots: List[Slot], T: int, meta_loss: MetaLoss,
-                    use_vmap: bool = True, checkpoint: bool = False) -> List[UnrollOut]:
-    """Per-slot :class:`UnrollOut` of a T-step window, differentiable w.r.t. theta."""
+                    use_vmap: bool = True, checkpoint: bool = False,
+                    stacked: bool = True) -> List[UnrollOut]:
+    """Per-slot :class:`UnrollOut` of a T-step window, differentiable w.r.t. theta.
+
+    ``stacked=True`` (without ``checkpoint``) runs the group through
+    :func:`~metaopt.meta.unroll.stacked_unroll` (inner gradients by plain autograd on the
+    stacked tasks); ``stacked=False`` vmaps :func:`~metaopt.meta.unroll.unroll` over the slots.
+    Same numbers either way."""
     def group_fn(g: SlotGroup) -> UnrollOut:
+        if stacked and not checkpoint:
+            return stacked_unroll(rule, theta, g.apply, g.params, g.buffers, g.state, g.train,
+                                  g.valid, meta_loss)
         fn = lambda p, b, s, tb, vb: unroll(rule, theta, g.apply, p, b, s, tb, vb, meta_loss,
                                             checkpoint)
         dims = (0, 0, 0, 0, 0 if meta_loss.needs_valid else None)
@@ -168,3 +179,93 @@ def mean_meta_gradient(theta: Params, outs: List[UnrollOut]) -> Dict[str, Tensor
         found = dict(zip(keys, torch.autograd.grad(total, [theta[k] for k in keys],
                                                    allow_unused=True)))
     return {k: found[k] if found.get(k) is not None else torch.zeros_like(theta[k]) for k in theta}
+
+
+# -- torch.compile of the inner step ---------------------------------------------------------------
+log = logging.getLogger("metaopt.compile")
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def compiler_available() -> bool:
+    """Whether inductor's C++ compiler is on PATH (torch.compile on CPU generates C++)."""
+    try:
+        from torch._inductor import config as inductor_config
+        cxx = inductor_config.cpp.cxx[-1] if isinstance(inductor_config.cpp.cxx, tuple) \
+            else inductor_config.cpp.cxx
+    except Exception:  # inductor missing or moved: no compile
+        return False
+    return bool(cxx) and shutil.which(cxx) is not None
+
+
+def _eager_step(rule, apply_fn, meta_loss: MetaLoss) -> Callable:
+    def step(theta, params, buffers, state, batch, valid):
+        params, state, loss = inner_step(rule, theta, apply_fn, params, buffers, state, batch)
+        return params, state, loss, meta_loss(apply_fn, params, buffers, batch, valid)
+    return step
+
+
+def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
+    """One inner step of ONE task and its meta-loss term, ``(theta, params, buffers, state,
+    batch, valid) -> (params, state, loss, score)``, compiled by ``torch.compile`` (inductor, C++
+    on CPU) once per (rule config, task signature, meta-loss) and cached; the eager step, with
+    one log line saying why, when no C++ compiler is present or compilation fails.
+
+    One task at a time, not the vmapped group: under ``torch.func.vmap`` inside a compiled region
+    this torch's inductor miscomputes ``index_add`` (the per-tensor feature normalization of the
+    ``mlp`` rule): wrong numbers, so the slot vmap is not compiled.
+    """
+    key = (rule.name, repr(sorted(rule.config().items())), task.signature, meta_loss.name)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    eager = _eager_step(rule, task.apply, meta_loss)
+    if not compiler_available():
+        log.warning("metaopt: compile requested but no C++ compiler found; running eager")
+        _COMPILED[key] = eager
+        return eager
+    import torch._dynamo
+    from torch._dynamo.decorators import substitute_in_graph
+    if not getattr(compiled_step, "_registered", False):
+        # tasks.mlp asks functorch whether a tensor is vmapped (to pick a cross-entropy form);
+        # compiled steps are never vmapped, so the answer is "not wrapped" (same numbers)
+        try:
+            substitute_in_graph(torch._C._functorch.is_functorch_wrapped_tensor,
+                                skip_signature_check=True)(lambda t: False)
+        except Exception:  # already registered / API moved: dynamo then graph-breaks there
+            pass
+        compiled_step._registered = True
+    fn = torch.compile(eager, dynamic=False)
+    state = {"ok": None}
+
+    def step(*args):
+        if state["ok"] is False:
+            return eager(*args)
+        try:
+            # segment ids / counts are data-dependent-shape ops (repeat_interleave, bincount)
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                            capture_scalar_outputs=True):
+                out = fn(*args)
+            state["ok"] = True
+            return out
+        except Exception as e:  # noqa: BLE001 -- any compile failure falls back, once, loudly
+            log.warning("metaopt: torch.compile of the inner step failed (%s: %s); running eager",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            state["ok"] = False
+            return eager(*args)
+    _COMPILED[key] = step
+    return step
+
+
+def run_compiled(step: Callable, theta: Params, params: Params, buffers: Params, state,
+                 batches, valid_batches, meta_loss: MetaLoss) -> UnrollOut:
+    """One task's window through ``step`` (from :func:`compiled_step`): what :func:`unroll`
+    computes."""
+    T = batches[0].shape[0]
+    scores, losses = [], []
+    for t in range(T):
+        vb = tuple(b[t] for b in valid_batches) if meta_loss.needs_valid else None
+        params, state, loss, score = step(theta, params, buffers, state,
+                                          tuple(b[t] for b in batches), vb)
+        losses.append(loss)
+        if meta_loss.reads(t, T):
+            scores.append(score)
+    return UnrollOut(torch.stack(scores).mean(), torch.stack(losses).mean().detach(), params, state)

@@ -62,7 +62,8 @@ from typing import Dict
 
 import torch
 
-from metaopt.meta.engine import SlotGroup, batched, run_slots, stack_dicts, tree_map
+from metaopt.meta.engine import (SlotGroup, batched, compiled_step, run_compiled, run_slots,
+                                 stack_dicts, tree_map)
 from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.slots import Slot
 from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
@@ -94,9 +95,15 @@ def _mean_state(v: torch.Tensor) -> torch.Tensor:
     return v.mean(1) if v.is_floating_point() else v[:, 0]
 
 
+def _stack_outs(outs) -> UnrollOut:
+    st = lambda d: {k: torch.stack([o_[k] for o_ in d]) for k in d[0]}
+    return UnrollOut(torch.stack([o.meta_loss for o in outs]), torch.stack([o.train_loss for o in outs]),
+                     st([o.params for o in outs]), st([o.state for o in outs]))
+
+
 class _Perturbed(Scheme):
     def __init__(self, truncation: int = 20, num_samples: int = 8, sigma: float = 0.01,
-                 theta_run: bool = True):
+                 theta_run: bool = True, compile: bool = False):
         if truncation < 1:
             raise ValueError(f"Invalid truncation: {truncation}")
         if num_samples < 1:
@@ -105,11 +112,11 @@ class _Perturbed(Scheme):
             raise ValueError(f"Invalid sigma: {sigma}")
         self.truncation = self.window = int(truncation)
         self.num_samples, self.sigma = int(num_samples), float(sigma)
-        self.theta_run = bool(theta_run)
+        self.theta_run, self.compile = bool(theta_run), bool(compile)
 
     def config(self):
         return dict(truncation=self.truncation, num_samples=self.num_samples, sigma=self.sigma,
-                    theta_run=self.theta_run)
+                    theta_run=self.theta_run, compile=self.compile)
 
     def noise(self, slot: Slot, ref: torch.Tensor) -> torch.Tensor:
         """[N, P] perturbations e_i ~ N(0, sigma^2 I), drawn from the slot's generator."""
@@ -149,8 +156,13 @@ class _Perturbed(Scheme):
             vb = tuple(b.repeat_interleave(R, dim=0) for b in g.valid) if need_valid else None
             run = lambda th_, p_, b_, s_, tb_, vb_: unroll(rule, th_, g.apply, p_, b_, s_, tb_,
                                                            vb_, meta_loss)
-            o = batched(run, K * R, in_dims=(0, 0, 0, 0, 0, 0 if need_valid else None))(
-                thetas, runs(0, g.params), _repeat_runs(g.buffers, R), runs(1, g.state), tb, vb)
+            args = (thetas, runs(0, g.params), _repeat_runs(g.buffers, R), runs(1, g.state), tb, vb)
+            if self.compile:  # one compiled single-task step, run after run (see compiled_step)
+                step = compiled_step(rule, g.slots[0].task, meta_loss)
+                pick = lambda i: [None if a is None else tree_map(lambda t: t[i], a) for a in args]
+                o = _stack_outs([run_compiled(step, *pick(i), meta_loss) for i in range(K * R)])
+            else:
+                o = batched(run, K * R, in_dims=(0, 0, 0, 0, 0, 0 if need_valid else None))(*args)
             o = tree_map(lambda t: t.reshape((K, R) + tuple(t.shape[1:])), o)
             L = o.meta_loss                                                      # [K, R]
             grad = ((L[:, :N] - L[:, N:2 * N])[..., None] * direction).sum(1) / (
