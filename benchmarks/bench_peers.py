@@ -242,7 +242,8 @@ def main(argv=None):
             with open(PEER_JSON, "w") as f:
                 json.dump({"peer": "google/learned_optimization", "commit": PEER_COMMIT,
                            "install": PEER_INSTALL,
-                           "command": "python benchmarks/bench_peers.py --write-peer-json",
+                           "command": " ".join(["python benchmarks/bench_peers.py"] +
+                                               list(sys.argv[1:] if argv is None else argv)),
                            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS"),
                            "seconds_per_outer_step": {"nested_truncated_grad": peer["nested"],
                                                       "pes": peer["pes"]},
