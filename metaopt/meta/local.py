@@ -10,15 +10,17 @@ each with its own local loss ``local_l`` (the last block's is the task's own los
 * ``local``: ``M = sum_l weight_l * M_l`` where ``M_l`` is the scheme's meta-loss (mean / log /
   last, on the validation batch or the train batch re-evaluated) of ``local_l`` after each inner
   step, and the meta-gradient is ``sum_l dM_l/dtheta`` *with every other block's trajectory held
-  constant* (the graph is cut between blocks). The window runs once without a graph (the actual
-  trajectory, recording each block's input at every step); then for each block in turn its part
-  of the window is re-run differentiably from the recorded inputs -- its parameters and its slice
-  of the rule state only -- its ``M_l`` is backpropagated into theta and its graph freed before
-  the next block. Peak memory is that of the largest block's window, not the network's.
-  With ``local.inner=local`` a block's inner gradient needs only its own input (detached in the
-  inner loss too), so the re-run is exactly the block's part of the trajectory; with
-  ``inner=global``/``mixed`` a block's inner gradient reads the blocks above it, whose recorded
-  parameters enter the re-run as constants (correct, but the re-run's forward is the whole net's);
+  constant* (the graph is cut between blocks). With ``local.inner=local`` a block's inner
+  gradient reads only its own parameters and its (detached) input, so the blocks run in order, each
+  over the whole window: block ``l``'s T steps -- its parameters and its slice of the rule state
+  only -- run differentiably from block ``l-1``'s recorded outputs, its ``M_l`` is backpropagated
+  into theta and its graph freed, and its detached outputs are what block ``l+1`` reads. That one
+  pass *is* the window (the slots advance along the network's actual trajectory), and peak memory
+  is that of the largest block's window, not the network's. With ``inner=global``/``mixed`` a
+  block's inner gradient reads the blocks above it: the window first runs once without a graph,
+  recording every block's input and all parameters at every step; then each block's part is
+  re-run with the others' recorded parameters as constants (correct, but the re-run's forward is
+  the whole network's, so the memory saving is smaller);
 * ``mixed``: ``(1 - mix) * global + mix * local``, both on the same window (same batches).
 
 ``local``/``mixed`` need a rule whose update acts on each tensor alone (``pertensor``, ``adam``,
