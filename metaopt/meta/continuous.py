@@ -69,7 +69,7 @@ from typing import Dict
 
 import torch
 
-from metaopt.meta.engine import SlotGroup, mean_meta_gradient, run_slots
+from metaopt.meta.engine import LazyWindow, SlotGroup, mean_meta_gradient, run_slots
 from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.unroll import MetaLoss, UnrollOut, get_meta_loss, rule_step
 
@@ -135,10 +135,14 @@ class Continuous(Scheme):
     def window_losses(self, rule, theta, slots, meta_loss):
         """Per-slot UnrollOut results, differentiable w.r.t. theta."""
         ml = get_meta_loss(meta_loss)
-        # a last-step meta-loss keeps only the window's last validation batch (same draws)
+        # A last-step meta-loss keeps only the window's last validation batch (same draws), and
+        # with the adjoint the training batches are redrawn on demand in blocks of ~sqrt(T) steps
+        # (engine.LazyWindow): nothing of size T is stored.
+        lazy = (int(math.ceil(math.sqrt(self.window)))
+                if ml.last_only and self.gradient == "adjoint" else 0)
         return run_slots(slots, self.window, ml.needs_valid,
                          lambda g: self._solve_group(rule, theta, g, ml), self.use_vmap,
-                         last_valid=ml.last_only)
+                         last_valid=ml.last_only, lazy_block=lazy)
 
     def estimate(self, rule, theta, slots, meta_loss):
         outs = self.window_losses(rule, theta, slots, meta_loss)
@@ -156,6 +160,8 @@ class Continuous(Scheme):
                              "so it cannot be part of the ODE state")
         has_step = "step" in state0
         tb, vb, bufs = g.train, g.valid, g.buffers                          # [K, T, ...]
+        train_at = (tb.at if isinstance(tb, LazyWindow)
+                    else lambda k: tuple(x[:, k] for x in tb))                  # step k's [K, ...]
         step0 = g.state["step"] if has_step else None
         y0 = tuple(g.params[k] for k in pkeys) + tuple(g.state[k] for k in fkeys)
         n_p = len(pkeys)
@@ -174,7 +180,7 @@ class Continuous(Scheme):
             """dz/dtau on piece k (tau = t / eta; dz/dt is this divided by eta)."""
             p = dict(zip(pkeys, y[:n_p]))
             sf = dict(zip(fkeys, y[n_p:]))
-            batch = tuple(x[:, k] for x in tb)
+            batch = train_at(k)
             step = step0 + k if has_step else torch.zeros(K)
             dp, ds, loss = one_v(p, bufs, sf, step, batch)
             if k not in train_losses:  # the first evaluation on piece k is at z(k eta): log it
@@ -211,7 +217,7 @@ class Continuous(Scheme):
                          in_dims=(0, 0, 0, 0 if ml.needs_valid else None))
         batch_at = lambda src, k: tuple(x[:, k] for x in src) if src is not None else None
         vk = lambda k: 0 if ml.last_only else k  # last_only: valid holds the last batch only
-        per_step = [loss_at(dict(zip(pkeys, at(k + 1)[:n_p])), bufs, batch_at(tb, k),
+        per_step = [loss_at(dict(zip(pkeys, at(k + 1)[:n_p])), bufs, train_at(k),
                             batch_at(vb, vk(k))) for k in range(T) if ml.reads(k, T)]
         meta = torch.stack(per_step).mean(0)
         train = torch.stack([train_losses[k] for k in range(T)]).mean(0)

@@ -57,6 +57,44 @@ def sample_window(slot: Slot, T: int, need_valid: bool, last_valid: bool = False
     return batches, valid
 
 
+class LazyWindow:
+    """The training batches of a window for K slots, regenerated on demand instead of stored.
+
+    Built by drawing each slot's T batches exactly as :func:`sample_window` does (so the slot's
+    generator ends where it would), keeping only a snapshot of the generator state every ``block``
+    steps; :meth:`at` redraws the block holding step k from its snapshot (a twin generator) and
+    caches that one block. Memory: K x (T / block snapshots + block batches) instead of K x T
+    batches; a block is redrawn when a pass enters it (forward, then the adjoint's backward)."""
+
+    def __init__(self, tasks, snapshots, T: int, block: int):
+        self.tasks, self.snapshots, self.T, self.block = tasks, snapshots, T, block
+        self._b, self._cache = None, None
+
+    @staticmethod
+    def snapshot_draws(slot: Slot, T: int, block: int) -> list:
+        snaps = []
+        for t in range(T):
+            if t % block == 0:
+                snaps.append(slot.gen.get_state())
+            slot.task.sample_batch("train", slot.gen)
+        return snaps
+
+    def at(self, k: int):
+        """Step k's batch of every slot, stacked [K, ...]."""
+        b = k // self.block
+        if b != self._b:
+            n = min(self.block, self.T - b * self.block)
+            per_slot = []
+            for task, snaps in zip(self.tasks, self.snapshots):
+                gen = torch.Generator(device=snaps[b].device)
+                gen.set_state(snaps[b])
+                per_slot.append([task.sample_batch("train", gen) for _ in range(n)])
+            self._cache = tuple(torch.stack([torch.stack([bt[q] for bt in bs]) for bs in per_slot])
+                                for q in range(len(per_slot[0][0])))     # [K, n, ...] per part
+            self._b = b
+        return tuple(x[:, k - b * self.block] for x in self._cache)
+
+
 def group_by_signature(slots: List[Slot]) -> List[List[int]]:
     """Indices of slots whose tasks can be vmapped together, in first-seen order."""
     groups: Dict[object, List[int]] = {}
@@ -121,29 +159,41 @@ def batched(fn: Callable, n: int, in_dims=0) -> Callable:
     return single
 
 
-def stack_group(slots: List[Slot], T: int, need_valid: bool, last_valid: bool = False) -> SlotGroup:
-    windows = [sample_window(s, T, need_valid, last_valid) for s in slots]
+def stack_group(slots: List[Slot], T: int, need_valid: bool, last_valid: bool = False,
+                lazy_block: int = 0) -> SlotGroup:
+    """``lazy_block > 0``: ``train`` is a :class:`LazyWindow` (same draws, nothing stored)."""
     task = slots[0].task
+    if lazy_block > 0:
+        snaps, windows = [], []
+        for s in slots:  # per slot: its train draws, then its valid draws (sample_window's order)
+            snaps.append(LazyWindow.snapshot_draws(s, T, lazy_block))
+            windows.append((None, _draw(s, "valid", T, keep_last=last_valid) if need_valid
+                            else None))
+        train = LazyWindow([s.task for s in slots], snaps, T, lazy_block)
+    else:
+        windows = [sample_window(s, T, need_valid, last_valid) for s in slots]
     # a lone slot's window is a view, not a copy
     stack = lambda parts: tuple(x[0].unsqueeze(0) if len(x) == 1 else torch.stack(x)
                                 for x in zip(*parts))
+    if lazy_block <= 0:
+        train = stack([w[0] for w in windows])
     return SlotGroup(slots=slots, apply=task.apply,
                      params=stack_dicts([s.params for s in slots]),
                      buffers=stack_dicts([s.task.buffers for s in slots]) if task.buffers else {},
                      state=stack_dicts([s.state for s in slots]),
-                     train=stack([w[0] for w in windows]),
+                     train=train,
                      valid=stack([w[1] for w in windows]) if need_valid else None)
 
 
 def run_slots(slots: List[Slot], T: int, need_valid: bool, group_fn: Callable[[SlotGroup], object],
-              use_vmap: bool = True, last_valid: bool = False) -> list:
+              use_vmap: bool = True, last_valid: bool = False, lazy_block: int = 0) -> list:
     """``group_fn`` over every signature group (singletons when ``use_vmap=False``); one result
     per slot, in slot order (the slot dim indexed away). ``last_valid``: see :func:`sample_window`
-    (the group's ``valid`` is then [K, 1, ...])."""
+    (the group's ``valid`` is then [K, 1, ...]); ``lazy_block``: see :func:`stack_group`."""
     results: list = [None] * len(slots)
     groups = group_by_signature(slots) if use_vmap else [[i] for i in range(len(slots))]
     for idx in groups:
-        out = group_fn(stack_group([slots[i] for i in idx], T, need_valid, last_valid))
+        out = group_fn(stack_group([slots[i] for i in idx], T, need_valid, last_valid, lazy_block))
         for j, i in enumerate(idx):
             results[i] = tree_map(lambda t: t[j], out)
     return results
