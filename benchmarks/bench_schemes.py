@@ -20,9 +20,10 @@ after each of the T steps), theta held fixed. For each window length T:
                       the last validation batch) and higher (its last step's valid loss).
                       Their peak/higher is against higher valid_last.
 
-metaopt's calls draw their window of batches inside the call (counted in their peak: the
-training batches, 8.4 KB per step here, are the part of the continuous valid_last peak that still
-grows with T); higher is fed the same batches drawn beforehand (not counted).
+metaopt's calls draw their window of batches inside the call (counted in their peak; for the
+continuous adjoint with valid_last the training batches are redrawn on demand in blocks of
+~sqrt(T) steps and only the last validation batch is kept); higher is fed the same batches drawn
+beforehand (not counted).
 
 Peak memory: one extra (untimed) call per method under ``torch.profiler.profile(
 profile_memory=True)``; every CPU allocation/free the profiler records is attributed to the op that

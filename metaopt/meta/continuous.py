@@ -41,7 +41,9 @@ boundaries ``t = k eta``.
   the rule is stored. What is stored is the solution at the output times: one state per inner
   step for the meta-losses that read every step; for ``valid_last`` with a fixed-grid solver, one
   every ``store_every`` steps, and ``store_every=window`` keeps only the window's two ends --
-  memory independent of the window length. The price: the backward pass reconstructs the forward
+  memory independent of the window length (the window's batches are not stored either: only
+  the last validation batch is kept, and the training batches are redrawn from generator
+  snapshots, block by block, when the forward and the adjoint pass reach them). The price: the backward pass reconstructs the forward
   state by integrating the ODE backward from the nearest stored state, and a training flow
   contracts, so the reconstruction error grows like the inverse contraction over that stretch
   (fine over a few steps; hundreds of steps in float32 can give NaN). The default
