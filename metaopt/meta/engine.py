@@ -237,14 +237,11 @@ _COMPILED: Dict[tuple, Callable] = {}
 
 
 def compiler_available() -> bool:
-    """Whether inductor's C++ compiler is on PATH (torch.compile on CPU generates C++)."""
-    try:
-        from torch._inductor import config as inductor_config
-        cxx = inductor_config.cpp.cxx[-1] if isinstance(inductor_config.cpp.cxx, tuple) \
-            else inductor_config.cpp.cxx
-    except Exception:  # inductor missing or moved: no compile
-        return False
-    return bool(cxx) and shutil.which(cxx) is not None
+    """Whether a C++ compiler for inductor is on PATH (torch.compile on CPU generates C++):
+    ``$CXX``, else g++ / c++ / clang++ (inductor's own search)."""
+    import os
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(n) for n in names)
 
 
 def _eager_step(rule, apply_fn, meta_loss: MetaLoss) -> Callable:
