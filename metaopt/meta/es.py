@@ -55,6 +55,12 @@ Every run of every slot of a signature group -- ``K`` slots x ``2N`` particles (
 flat ``torch.func.vmap`` call: theta, params, state and the (shared, per-slot) batches are laid
 out on one leading ``K * R`` dim, so each inner op is one batched kernel and no vmap nests
 inside another. Antithetic pairs (and the theta run) share their slot's batches.
+
+``compile=True`` runs the ``K * R`` runs one after another through a ``torch.compile``d
+single-task inner step instead (:func:`metaopt.meta.engine.compiled_step`: compiled once per
+signature, eager with a warning when no C++ compiler is found); the same numbers up to float
+rounding. On the issue-11 problem it measured faster than the eager vmap (benchmarks/bench_peers.py)
+but each new signature first pays its compile, so it is off by default.
 """
 from __future__ import annotations
 
