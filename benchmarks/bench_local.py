@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, set_threads  # noqa: E402
+from common import header, peak_mb, set_threads  # noqa: E402
 
 from metaopt.meta import Nested  # noqa: E402
 from metaopt.meta.local import LocalMeta  # noqa: E402
@@ -35,25 +35,6 @@ from metaopt.meta.slots import new_slot  # noqa: E402
 from metaopt.rules import make_rule  # noqa: E402
 from metaopt.tasks import make_family  # noqa: E402
 from metaopt.tasks.local import LocalFamily  # noqa: E402
-
-
-def peak_mb_cpu(fn) -> float:
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # the profiler's C++ side prints start/stop lines on stderr
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True, record_shapes=False) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    run = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        run += e.self_cpu_memory_usage
-        peak = max(peak, run)
-    return peak / 2 ** 20
 
 
 def main(argv=None):
@@ -102,7 +83,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 call()
                 ts.append(time.perf_counter() - t0)
-            res[name] = (statistics.median(ts), peak_mb_cpu(call))
+            res[name] = (statistics.median(ts), peak_mb(call))
         for name, (t, mb) in res.items():
             print(f"{T:4d} {name:12s} {t:8.3f} {mb:9.1f} {mb / res['global'][1]:12.3f} "
                   f"{t / res['global'][0]:12.3f}", flush=True)

@@ -48,7 +48,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, median, set_threads  # noqa: E402
+from common import header, median, peak_mb, set_threads  # noqa: E402
 
 import higher  # noqa: E402
 
@@ -130,28 +130,6 @@ def run_higher(P: Problem, last_only: bool = False):
                 losses.append(fmodel(vb[0][t], vb[1][t]))
         total = torch.stack(losses).mean()
     return torch.autograd.grad(total, log_lr)[0]
-
-
-def peak_mb(fn) -> float:
-    """Peak of the running sum of CPU allocations the profiler records during fn()."""
-    # the profiler's C++ side prints start/stop lines on stderr: silence fd 2 for the call
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True, record_shapes=False) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    evs = sorted(prof.events(), key=lambda e: e.time_range.start)
-    run = peak = 0
-    for e in evs:
-        run += e.self_cpu_memory_usage
-        peak = max(peak, run)
-    return peak / 2 ** 20
 
 
 def time_median(fn, repeats) -> float:

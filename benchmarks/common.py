@@ -69,3 +69,25 @@ def ms(seconds: float) -> str:
 def spread(xs: List[float]) -> str:
     """min..max of the timed repeats, so a reader sees the noise next to the median."""
     return f"[{min(xs) * 1e3:.1f}..{max(xs) * 1e3:.1f}]"
+
+
+def peak_mb(fn) -> float:
+    """Peak (MB) of the running sum of CPU allocations the profiler records during ``fn()``."""
+    import sys
+    # the profiler's C++ side prints start/stop lines on stderr: silence fd 2 for the call
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True, record_shapes=False) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    run = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        run += e.self_cpu_memory_usage
+        peak = max(peak, run)
+    return peak / 2 ** 20
