@@ -92,6 +92,14 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
     th_const = {k: v.detach() for k, v in theta.items()}
     vdim = 0 if ml.needs_valid else None
 
+    def accumulate(L: Tensor) -> None:
+        """grads += d(mean over the meta-batch of L) / d theta; L's graph is freed after."""
+        if keys and L.requires_grad:
+            found = torch.autograd.grad(L.sum() / K, [theta[k] for k in keys], allow_unused=True)
+            for k, d in zip(keys, found):
+                if d is not None:
+                    grads[k] = grads[k] + d
+
     def group_fn(g: SlotGroup) -> UnrollOut:
         task = g.slots[0].task
         if not hasattr(task, "block_loss"):
@@ -157,11 +165,7 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
 
             L = g.vmap(block_run, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0))(
                 g.params, g.buffers, g.state, xs[l], y_train, xm[l], y_meta, g.train, pst)
-            if keys and L.requires_grad:
-                found = torch.autograd.grad(L.sum() / K, [theta[k] for k in keys], allow_unused=True)
-                for k, d in zip(keys, found):
-                    if d is not None:
-                        grads[k] = grads[k] + d
+            accumulate(L)
             meta_total = meta_total + L.detach()
             del L
         return UnrollOut(meta_total, train_loss, p_end, s_end)
@@ -209,11 +213,7 @@ def local_window(rule, theta: Params, slots: List[Slot], T: int, ml: MetaLoss,
 
             L, tl, pl, sl, x_train, x_meta = g.vmap(block_run, in_dims=(0, 0, 0, 0, 0, 0, 0))(
                 g.params, g.buffers, g.state, x_train, y_train, x_meta, y_meta)
-            if keys and L.requires_grad:
-                found = torch.autograd.grad(L.sum() / K, [theta[k] for k in keys], allow_unused=True)
-                for k, d in zip(keys, found):
-                    if d is not None:
-                        grads[k] = grads[k] + d
+            accumulate(L)
             meta_total = meta_total + L.detach()
             train_total = train_total + tl
             p_end.update({k: v.detach() for k, v in pl.items()})
