@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from metaopt.meta.slots import Slot
-from metaopt.meta.unroll import MetaLoss, UnrollOut, inner_step, stacked_unroll, unroll
+from metaopt.meta.unroll import (MetaLoss, UnrollOut, batched, inner_step, stacked_unroll,
+                                 tree_map, unroll)
 from metaopt.types import Batch, Params, State
 
 
@@ -111,19 +111,6 @@ def stack_dicts(dicts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
     return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]} if dicts else {}
 
 
-def tree_map(fn: Callable[[Tensor], Tensor], tree):
-    """``fn`` on every tensor of nested dicts / tuples / NamedTuples (other leaves kept)."""
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(tree_map(fn, v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(fn, v) for v in tree)
-    return tree
-
-
 class SlotGroup(NamedTuple):
     """K same-signature slots, their current inner state and their window, stacked on dim 0."""
     slots: List[Slot]
@@ -143,20 +130,6 @@ class SlotGroup(NamedTuple):
         an unbatched unroll computes, without vmap's overhead). Outputs get the slot dim either
         way."""
         return batched(fn, self.size, in_dims)
-
-
-def batched(fn: Callable, n: int, in_dims=0) -> Callable:
-    """``fn`` over a leading dim of size ``n``: ``torch.func.vmap`` for ``n > 1``, one plain call
-    (the dim selected away, then restored on the outputs) for ``n == 1``."""
-    if n > 1:
-        return vmap(fn, in_dims=in_dims)
-
-    def single(*args):
-        dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
-        args = [a if d is None else tree_map(lambda t: t.select(d, 0), a)
-                for a, d in zip(args, dims)]
-        return tree_map(lambda t: t.unsqueeze(0), fn(*args))
-    return single
 
 
 def stack_group(slots: List[Slot], T: int, need_valid: bool, last_valid: bool = False,

@@ -68,11 +68,10 @@ from typing import Dict
 
 import torch
 
-from metaopt.meta.engine import (SlotGroup, batched, compiled_step, run_compiled, run_slots,
-                                 stack_dicts, tree_map)
+from metaopt.meta.engine import SlotGroup, compiled_step, run_compiled, run_slots, stack_dicts
 from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.slots import Slot
-from metaopt.meta.unroll import MetaLoss, UnrollOut, unroll
+from metaopt.meta.unroll import MetaLoss, UnrollOut, batched, tree_map, unroll
 from metaopt.types import Params
 
 

@@ -143,7 +143,7 @@ def stacked_unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params
     K = batches[0].shape[0]
     T = batches[0].shape[1]
     outer = torch.is_grad_enabled()
-    many = lambda fn, in_dims=0: vmap(fn, in_dims=in_dims) if K > 1 else _single(fn, in_dims)
+    many = lambda fn, in_dims=0: batched(fn, K, in_dims)
     if rule.needs_activations:
         fwd = many(lambda p, b, x: apply_fn(p, b, x, stats=True))
     else:
@@ -175,23 +175,31 @@ def stacked_unroll(rule: Rule, theta: Params, apply_fn: Callable, params: Params
                      params, state)
 
 
-def _single(fn: Callable, in_dims=0) -> Callable:
-    """``fn`` on a stack of one: the dim selected away, restored on the outputs (no vmap)."""
-    def call(*args):
-        dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
-        args = [a if d is None else _tree(lambda t: t.select(d, 0), a) for a, d in zip(args, dims)]
-        return _tree(lambda t: t.unsqueeze(0), fn(*args))
-    return call
-
-
-def _tree(fn: Callable, tree):
+def tree_map(fn: Callable[[Tensor], Tensor], tree):
+    """``fn`` on every tensor of nested dicts / tuples / NamedTuples (other leaves kept)."""
     if isinstance(tree, Tensor):
         return fn(tree)
     if isinstance(tree, dict):
-        return {k: _tree(fn, v) for k, v in tree.items()}
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(tree_map(fn, v) for v in tree))
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_tree(fn, v) for v in tree)
+        return type(tree)(tree_map(fn, v) for v in tree)
     return tree
+
+
+def batched(fn: Callable, n: int, in_dims=0) -> Callable:
+    """``fn`` over a leading dim of size ``n``: ``torch.func.vmap`` for ``n > 1``, one plain call
+    (the dim selected away, then restored on the outputs) for ``n == 1``."""
+    if n > 1:
+        return vmap(fn, in_dims=in_dims)
+
+    def single(*args):
+        dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+        args = [a if d is None else tree_map(lambda t: t.select(d, 0), a)
+                for a, d in zip(args, dims)]
+        return tree_map(lambda t: t.unsqueeze(0), fn(*args))
+    return single
 
 
 def _checkpointed_step(rule, theta, apply_fn, params, buffers, state, batch):
