@@ -17,17 +17,17 @@ from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load
                               write_json)
 
 
-def atomic_dir_write(final: Path, write_fn) -> None:
-    """Write into a temp sibling dir, then swap it in: a killed run never leaves half a checkpoint."""
-    tmp = staging_dir(final)
-    write_fn(tmp)
-    commit_dir(final, tmp)
+# Atomic checkpoint directories: write into a temp sibling (``staging_dir``), then swap it in
+# (``commit_dir``), so a killed run never leaves half a checkpoint.
+def staging_path(final: Path) -> Path:
+    """Where the checkpoint that will become ``final`` is written first."""
+    final = Path(final)
+    return final.with_name(final.name + ".tmp")
 
 
 def staging_dir(final: Path) -> Path:
-    """A fresh, empty temp sibling of ``final`` to write a checkpoint into."""
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    """A fresh, empty :func:`staging_path` of ``final``."""
+    tmp = staging_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -88,7 +88,7 @@ class Distributed:
         if not self.enabled or not tensors:
             return list(tensors)
         import torch.distributed as dist
-        dtype = torch.promote_types(torch.float32, tensors[0].dtype)
+        dtype = torch.float32
         for t in tensors:
             dtype = torch.promote_types(dtype, t.dtype)
         flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])

@@ -25,8 +25,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from metaopt.meta.checkpoint import (CheckpointError, atomic_dir_write, check_theta, commit_dir,
-                                     load_tensors, read_json, save_rule, save_tensors, staging_dir,
+from metaopt.meta.checkpoint import (CheckpointError, check_theta, commit_dir, load_tensors,
+                                     read_json, save_rule, save_tensors, staging_dir, staging_path,
                                      write_json)
 from metaopt.meta.distributed import Distributed
 from metaopt.meta.schemes import Scheme
@@ -95,8 +95,8 @@ class MetaTrainer:
         # every rank tracks (seed, step, horizon) of all K slots and draws their seeds in global
         # order (so the main generator's stream does not depend on the world size); it builds and
         # runs only its own slots, ``self.slots`` (all K in a single process)
-        self.slot_info: List[Dict[str, int]] = []
-        self.slots: List[Slot] = []
+        self.slot_info: List[Dict[str, int]] = [{} for _ in range(cfg.meta_batch)]
+        self.slots: List[Slot] = [None] * len(self.owned)
         for i in range(cfg.meta_batch):
             self._reset_slot(i, first=True)
 
@@ -114,17 +114,9 @@ class MetaTrainer:
             # first resets the meta-batch holds early and late phases of training at once.
             n = max(1, horizon // W)
             horizon = W * (1 + int(torch.randint(0, n, (1,), generator=self.gen)))
-        info = {"seed": seed, "step": 0, "horizon": horizon}
-        if first:
-            self.slot_info.append(info)
-        else:
-            self.slot_info[i] = info
+        self.slot_info[i] = {"seed": seed, "step": 0, "horizon": horizon}
         if i in self.owned:
-            slot = self._build_slot(seed, horizon)
-            if first:
-                self.slots.append(slot)
-            else:
-                self.slots[i - self.owned.start] = slot
+            self.slots[i - self.owned.start] = self._build_slot(seed, horizon)
 
     def _build_slot(self, seed: int, horizon: int) -> Slot:
         slot = new_slot(self.family, self.rule, seed, horizon, self.dtype)
@@ -231,31 +223,27 @@ class MetaTrainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/last`` atomically. Rank 0 writes the rule, the optimizer, the RNG
         and its own slots (``trainer.safetensors``); every other rank writes its slots to
-        ``slots.rank<r>.safetensors`` in the same staging directory before rank 0 swaps it in."""
-        def write(d: Path):
-            save_rule(d, self.rule, self.theta_detached(), self.spec)
+        ``slots.rank<r>.safetensors`` in the same staging directory before rank 0 swaps it in
+        (one process: rank 0 alone, the barriers are no-ops)."""
+        dist, final = self.dist, self.ckpt_dir
+        tmp = staging_dir(final) if dist.is_main else staging_path(final)
+        dist.barrier()
+        if not dist.is_main:
+            save_tensors(self._slot_tensors(), tmp / f"slots.rank{dist.rank}.safetensors")
+        dist.barrier()
+        if dist.is_main:
+            save_rule(tmp, self.rule, self.theta_detached(), self.spec)
             tensors, meta = self._trainer_state()
             tensors.update(self._slot_tensors())
-            save_tensors(tensors, d / "trainer.safetensors")
-            write_json(meta, d / "trainer.json")
+            save_tensors(tensors, tmp / "trainer.safetensors")
+            write_json(meta, tmp / "trainer.json")
             if self.resolved_config:
                 import yaml
-                (d / "config.yaml").write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
-        if not self.dist.enabled:
-            atomic_dir_write(self.ckpt_dir, write)
-            return self.ckpt_dir
-        tmp = self.ckpt_dir.with_name(self.ckpt_dir.name + ".tmp")
-        if self.dist.is_main:
-            staging_dir(self.ckpt_dir)
-        self.dist.barrier()
-        if not self.dist.is_main:
-            save_tensors(self._slot_tensors(), tmp / f"slots.rank{self.dist.rank}.safetensors")
-        self.dist.barrier()
-        if self.dist.is_main:
-            write(tmp)
-            commit_dir(self.ckpt_dir, tmp)
-        self.dist.barrier()
-        return self.ckpt_dir
+                (tmp / "config.yaml").write_text(yaml.safe_dump(self.resolved_config,
+                                                                sort_keys=False))
+            commit_dir(final, tmp)
+        dist.barrier()
+        return final
 
     def _slot_tensors(self) -> Dict[str, Tensor]:
         """This process's slots, keyed by global slot index."""
