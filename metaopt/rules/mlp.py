@@ -135,11 +135,16 @@ class MLPRule(Rule):
         """The [N, num_inputs] input matrix, as the rule's MLP sees it (for inspection and tests;
         :meth:`update` computes the same first layer without building it)."""
         seg = spec.segment_ids(g.device)
-        rsq = torch.rsqrt(v + 1e-12)
-        per_coord = torch.stack([p, g, *m, safe_sqrt(v), g * rsq, *(m * rsq)], dim=1)
-        per_coord = normalize_per_tensor(per_coord, seg, spec.num_tensors)
+        per_coord = normalize_per_tensor(self._per_coord(p, g, m, v), seg, spec.num_tensors)
         per_tensor, extra = self._per_tensor_inputs(spec, step, ctx, state, g.dtype, g.device)
         return torch.cat([per_coord, per_tensor[seg]], dim=1), extra
+
+    @staticmethod
+    def _per_coord(p, g, m, v):
+        """[N, F] un-normalized per-coordinate inputs: p, g, m_k, sqrt(v), g / sqrt(v), m_k / sqrt(v)
+        (``_raw_features`` writes the same rows, transposed, in place)."""
+        rsq = torch.rsqrt(v + 1e-12)
+        return torch.stack([p, g, *m, safe_sqrt(v), g * rsq, *(m * rsq)], dim=1)
 
     def _per_tensor_inputs(self, spec, step, ctx, state, dtype, device):
         """[num_tensors, 1 + globals (+ act)]: vector flag, time features (and loss surprise),
@@ -166,8 +171,7 @@ class MLPRule(Rule):
         decays = torch.tensor(self.decays, dtype=dtype, device=device)[:, None]
         m = decays * state["m"] + (1 - decays) * g
         v = self.rms_decay * state["v"] + (1 - self.rms_decay) * g * g
-        rsq = torch.rsqrt(v + 1e-12)
-        per_coord = torch.stack([p, g, *m, safe_sqrt(v), g * rsq, *(m * rsq)], dim=1)  # [N, F]
+        per_coord = self._per_coord(p, g, m, v)                                          # [N, F]
         F = per_coord.shape[1]
         # per-tensor RMS normalization of every column and the per-tensor inputs, through the
         # one-hot [N, T] layout matrix: two skinny matmuls instead of index_add + gather (fewer,
@@ -205,7 +209,7 @@ class MLPRule(Rule):
         scales = default_scales(scales, len(params))
         m_all, v_all = state["m"], state["v"]
         dtype, device = v_all.dtype, v_all.device
-        k, F, T = len(self.decays), 2 * len(self.decays) + 4, spec.num_tensors
+        F, T = 2 * len(self.decays) + 4, spec.num_tensors
         numels = spec.numels
         windows = _windows(numels, int(self.chunk_rows))
         rows = max((b - a for a, b, _ in windows), default=0)
@@ -245,22 +249,12 @@ class MLPRule(Rule):
         r = torch.rsqrt(sumsq / counts[:, None] + 1e-8)  # [T, F], as normalize_per_tensor
 
         # per-tensor inputs, folded into a per-tensor first-layer bias
-        step_f = state["step"].to(dtype)
-        is_vec = torch.tensor([float(len(sh) <= 1) for sh in spec.shapes], dtype=dtype, device=device)
-        glob = [time_features(step_f, self.time_taus)]
-        extra = {}
-        if self.loss_features:
-            s, mean, var = loss_surprise(state, require_loss(ctx, self.name))
-            glob.append(s.reshape(1))
-            extra.update(loss_mean=mean, loss_var=var)
-        glob = torch.cat(glob).to(dtype)
-        per_tensor = [is_vec[:, None], glob.expand(T, glob.shape[0])]
-        if self.act_features:
-            per_tensor.append(act_features(spec, ctx, dtype, device))
+        per_tensor, extra = self._per_tensor_inputs(spec, state["step"].to(dtype), ctx, state,
+                                                    dtype, device)
         w = [theta[f"w{i}"].to(dtype) for i in range(self.num_layers + 1)]
         bias = [theta[f"b{i}"].to(dtype) for i in range(self.num_layers + 1)]
         w0, w0_rest = w[0][:F], w[0][F:]
-        bias0 = torch.addmm(bias[0], torch.cat(per_tensor, dim=1), w0_rest)  # [T, H]
+        bias0 = torch.addmm(bias[0], per_tensor, w0_rest)  # [T, H]
         w0_t = r[:, :, None] * w0  # [T, F, H]: row c of tensor t's W0 times 1/RMS_t(c)
         mult = self.step_mult * float(torch.exp(theta["log_scale"].to(dtype)))
 
