@@ -89,11 +89,6 @@ def unflatten_theta(vec: torch.Tensor, theta: Params) -> Params:
     return out
 
 
-def _repeat_runs(tree, R: int):
-    """[K, ...] -> [K * R, ...]: each slot's tensors once per run (slot-major)."""
-    return {k: v.repeat_interleave(R, dim=0) for k, v in tree.items()}
-
-
 def _mean_state(v: torch.Tensor) -> torch.Tensor:
     """Mean over the particle dim (dim 1) for float tensors; integer counters are equal across
     particles, take the first."""
@@ -157,11 +152,12 @@ class _Perturbed(Scheme):
                     st = {k: torch.cat([st[k], cur[k][:, None]], dim=1) for k in cur}
                 return {k: v.reshape((K * R,) + tuple(v.shape[2:])) for k, v in st.items()}
 
-            tb = tuple(b.repeat_interleave(R, dim=0) for b in g.train)
-            vb = tuple(b.repeat_interleave(R, dim=0) for b in g.valid) if need_valid else None
+            # [K, ...] -> [K * R, ...]: each slot's buffers and batches once per run (slot-major)
+            per_run = lambda tree: tree_map(lambda t: t.repeat_interleave(R, dim=0), tree)
             run = lambda th_, p_, b_, s_, tb_, vb_: unroll(rule, th_, g.apply, p_, b_, s_, tb_,
                                                            vb_, meta_loss)
-            args = (thetas, runs(0, g.params), _repeat_runs(g.buffers, R), runs(1, g.state), tb, vb)
+            args = (thetas, runs(0, g.params), per_run(g.buffers), runs(1, g.state),
+                    per_run(g.train), per_run(g.valid))
             if self.compile:  # one compiled single-task step, run after run (see compiled_step)
                 step = compiled_step(rule, g.slots[0].task, meta_loss)
                 pick = lambda i: [None if a is None else tree_map(lambda t: t[i], a) for a in args]
