@@ -268,8 +268,8 @@ class ESConf(SchemeConf):
     sigma: float = 0.01
     theta_run: bool = True           # also run theta itself (exact logged loss); false: the
                                      # particles' mean is the slot's run (2N runs, not 2N+1)
-    compile: bool = False            # torch.compile the single-task inner step (measured slower
-                                     # than the eager vmapped runs here: benchmarks/bench_peers.py)
+    compile: bool = False            # torch.compile the single-task inner step (no steady gain
+                                     # over the eager vmapped runs: benchmarks/bench_peers.py)
 
 
 @dataclass

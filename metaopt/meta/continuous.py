@@ -43,9 +43,10 @@ boundaries ``t = k eta``.
   every ``store_every`` steps, and ``store_every=window`` keeps only the window's two ends --
   memory independent of the window length (the window's batches are not stored either: only
   the last validation batch is kept, and the training batches are redrawn from generator
-  snapshots, block by block, when the forward and the adjoint pass reach them). The price: the backward pass reconstructs the forward
-  state by integrating the ODE backward from the nearest stored state, and a training flow
-  contracts, so the reconstruction error grows like the inverse contraction over that stretch
+  snapshots, block by block, when the forward and the adjoint pass reach them). The price: the
+  backward pass reconstructs the forward state by integrating the ODE backward from the nearest
+  stored state, and a training flow contracts, so the reconstruction error grows like the inverse
+  contraction over that stretch
   (fine over a few steps; hundreds of steps in float32 can give NaN). The default
   ``store_every=1`` re-anchors it at every inner step. Adaptive solvers always store every step.
   The adjoint gradient is the flow's gradient up to the solver's error, not the exact gradient
