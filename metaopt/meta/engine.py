@@ -231,8 +231,9 @@ def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
     one log line saying why, when no C++ compiler is present or compilation fails.
 
     One task at a time, not the vmapped group: under ``torch.func.vmap`` inside a compiled region
-    this torch's inductor miscomputes ``index_add`` (the per-tensor feature normalization of the
-    ``mlp`` rule): wrong numbers, so the slot vmap is not compiled.
+    this torch's inductor miscomputes ``index_add`` (found with the ``mlp`` rule's former
+    per-tensor normalization; ``segment_mean`` and the ``pertensor`` rule still use it): wrong
+    numbers, so the slot vmap is not compiled.
     """
     key = (rule.name, repr(sorted(rule.config().items())), task.signature, meta_loss.name)
     if key in _COMPILED:
