@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaopt.tasks.base import Task, TaskFamily
+from metaopt.tasks.mlp import l2_penalty
 from metaopt.types import Batch, Params
 
 INNER_MODES = ("global", "local", "mixed")
@@ -113,12 +114,6 @@ class SequentialModule(nn.Module):
         return out if y is None else self.criterion(out, y)
 
 
-def _l2(params: Dict[str, Tensor], names: Sequence[str], l2: float):
-    if not l2:
-        return 0.0
-    return 0.5 * l2 * sum(params[n].pow(2).sum() for n in names if params[n].dim() >= 2)
-
-
 # -- the wrapped module ---------------------------------------------------------------------------
 class LocalModule(nn.Module):
     """``net`` (the task's module) plus one head per cut; see the module docstring."""
@@ -167,8 +162,10 @@ class LocalModule(nn.Module):
         return self._criterion(out, y) + pen
 
     def penalty(self, l: int):
-        return _l2(self._tensors(), [n for n in self.block_names(l) if n.startswith("net.")],
-                   self._l2)
+        if not self._l2:
+            return 0.0
+        t = self._tensors()
+        return l2_penalty((t[n] for n in self.block_names(l) if n.startswith("net.")), self._l2)
 
     def block_inputs(self, x: Tensor) -> List[Tensor]:
         """The input of every block and the last block's output (num_blocks + 1 tensors)."""

@@ -70,6 +70,11 @@ def supervised_loss(kind: str, out: Tensor, y: Tensor) -> Tensor:
     raise ValueError(f"Invalid loss: {kind!r} (use one of {LOSSES})")
 
 
+def l2_penalty(tensors, l2: float) -> Tensor:
+    """``0.5 * l2 * sum ||W||^2`` over weight matrices/kernels only (dim >= 2; not biases)."""
+    return 0.5 * l2 * sum(t.pow(2).sum() for t in tensors if t.dim() >= 2)
+
+
 class SupervisedModule(nn.Module):
     """Model + criterion. Subclasses implement ``outputs(x)``."""
 
@@ -91,9 +96,7 @@ class SupervisedModule(nn.Module):
             return out
         loss = supervised_loss(self.loss_kind, out, y)
         if self.l2:
-            # L2 on weight matrices/kernels only (not biases): 0.5 * l2 * ||W||^2
-            reg = sum(p.pow(2).sum() for n, p in self.named_parameters() if p.dim() >= 2)
-            loss = loss + 0.5 * self.l2 * reg
+            loss = loss + l2_penalty(self.parameters(), self.l2)
         return loss
 
 
