@@ -342,3 +342,14 @@ def test_text_and_vocab():
     ds = SequenceDataset(vocab.encode(text), seq_len=8)
     x, y = ds.sample("train", 4, torch.Generator().manual_seed(0))
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_mlp_l2_penalises_weight_matrices_only():
+    from metaopt.tasks.mlp import MLPModule
+    torch.manual_seed(0)
+    plain = MLPModule(4, [5], 3).double()
+    reg = MLPModule(4, [5], 3, l2=0.3).double()
+    reg.load_state_dict(plain.state_dict())
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    weights = sum(l.weight.pow(2).sum() for l in plain.layers)  # biases excluded
+    torch.testing.assert_close(reg(x, y) - plain(x, y), 0.5 * 0.3 * weights)
