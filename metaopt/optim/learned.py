@@ -151,6 +151,15 @@ class _ParamState(defaultdict):
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
+    """A trained update rule used as a ``torch.optim.Optimizer``.
+
+    ``LearnedOptimizer(model.parameters())`` loads the shipped ``"default"`` rule;
+    ``LearnedOptimizer.from_pretrained(model.named_parameters(), path)`` loads a rule
+    checkpoint written by ``metaopt-train``. Use it like any torch optimizer
+    (``zero_grad``/``backward``/``step``, param groups, LR schedulers, ``state_dict``).
+    See the module docstring for the details of state, closures and copies.
+    """
+
     def __init__(self, params, rule: Union[Rule, str, None] = None, theta: Optional[Params] = None,
                  lr: float = 1.0, model: Optional[nn.Module] = None, seed: int = 0):
         """``rule``: a Rule, a rule name (default kwargs, fresh theta; build others with
