@@ -196,6 +196,13 @@ class PerTensorRuleConf(RuleConf):
 
 
 @dataclass
+class AnchoredRuleConf(PerTensorRuleConf):
+    name: str = "anchored"
+    max_log_mult: float = 2.0
+    warmup: float = 5.0
+
+
+@dataclass
 class LookaheadRuleConf(RuleConf):
     name: str = "lookahead"
     inner: str = "sgd"
@@ -333,7 +340,8 @@ def register_configs() -> None:
     for name, node in [("sgd", SGDRuleConf), ("adam", AdamRuleConf), ("layerwise_lr", LayerwiseConf),
                        ("per_param_lr", PerParamConf), ("mlp", MLPRuleConf),
                        ("lookahead", LookaheadRuleConf), ("sgd_hd", SGDHDRuleConf),
-                       ("adam_hd", AdamHDRuleConf), ("pertensor", PerTensorRuleConf)]:
+                       ("adam_hd", AdamHDRuleConf), ("pertensor", PerTensorRuleConf),
+                       ("anchored", AnchoredRuleConf)]:
         cs.store(group="rule", name=name, node=node)
     cs.store(group="scheme", name="nested", node=NestedConf)
     cs.store(group="scheme", name="interleaved", node=InterleavedConf)

@@ -39,6 +39,7 @@ them (deep-copy it to keep a snapshot).
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -130,6 +131,36 @@ def _scatter_(state: State, sub: State, layout, spec: FlatSpec, idx: Sequence[in
     return out
 
 
+#: param-group keys LearnedOptimizer reads or that torch itself adds (schedulers: initial_lr)
+_GROUP_KEYS = {"lr", "weight_decay", "param_names", "initial_lr"}
+#: below this, a group lr is most likely an Adam learning rate passed out of habit
+_SMALL_LR = 0.1
+
+
+def _check_group(group: dict, rule: Rule, where: str) -> None:
+    """One-line errors for group keys this optimizer would silently ignore, and a warning for an
+    Adam-style ``lr`` (here ``lr`` multiplies the learned step; 1.0 is the step as meta-trained)."""
+    at = f"{where} " if where else ""
+    unknown = sorted(set(group) - _GROUP_KEYS)
+    if unknown:
+        raise ValueError(f"LearnedOptimizer: {at}key {unknown[0]!r} is not supported (the rule "
+                         f"sets its own update; supported group keys: lr, weight_decay)")
+    lr = group.get("lr", 1.0)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(f"Invalid lr: {lr}")
+    wd = group.get("weight_decay", 0.0)
+    if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not wd >= 0:
+        raise ValueError(f"Invalid weight_decay: {wd}")
+    if wd and not rule.supports_weight_decay:
+        raise ValueError(f"LearnedOptimizer: {at}weight_decay={wd}, but rule {rule.name!r} does "
+                         f"not support weight decay (use the default rule, or weight_decay=0)")
+    if 0 < lr < _SMALL_LR:
+        warnings.warn(f"LearnedOptimizer: {at}lr={lr:g} multiplies the learned step (lr=1.0, the "
+                      f"default, is the step as meta-trained; it is not Adam's learning rate), so "
+                      f"every step is {1 / lr:.0f}x smaller; omit lr unless you mean that",
+                      UserWarning, stacklevel=4)
+
+
 class _ParamState(defaultdict):
     """``opt.state``: per-parameter dicts (torch.optim's layout). ``state["rule"]`` -- looked up,
     never stored -- is the flat rule state (the layout before per-parameter state; prefer
@@ -161,15 +192,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, rule: Union[Rule, str, None] = None, theta: Optional[Params] = None,
-                 lr: float = 1.0, model: Optional[nn.Module] = None, seed: int = 0):
+                 lr: float = 1.0, model: Optional[nn.Module] = None, seed: int = 0,
+                 weight_decay: float = 0.0):
         """``rule``: a Rule, a rule name (default kwargs, fresh theta; build others with
         ``make_rule``), or None for the shipped ``"default"`` rule with its trained theta.
         ``theta``: trained meta-parameters (default: the checkpoint's for ``rule=None``, else the
         rule's fresh init from ``seed``). ``lr``: per-group multiplier of the rule's update.
         ``model``: needed by activation-aware rules (forward hooks record each layer's
-        activation statistics); also names unnamed parameters."""
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
-            raise ValueError(f"Invalid lr: {lr}")
+        activation statistics); also names unnamed parameters. ``weight_decay``: decoupled
+        (AdamW-style) decay per group, for rules with ``supports_weight_decay`` (the shipped
+        default: ``p <- p - lr * wd * lr_i * p`` at the rule's learned per-tensor rate ``lr_i``,
+        see :mod:`metaopt.rules.anchored`); other rules reject a nonzero value."""
         if rule is None:
             rule, ckpt_theta, _ = load_rule(resolve_rule_path(DEFAULT_RULE))
             if theta is None and not rule.spec_dependent:
@@ -179,11 +212,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         elif not isinstance(rule, Rule):
             raise TypeError(f"Invalid rule: {rule!r} (expected a metaopt Rule, a rule name or None)")
         self.rule = rule
+        _check_group({"lr": lr, "weight_decay": weight_decay}, rule, "")
         self._flat: Optional[State] = None
         self._views_stale = False
         self._model_names = ({id(p): n for n, p in model.named_parameters()}
                              if model is not None else {})
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self._rebuild_spec()
         expected = self.rule.init_theta(self.spec, torch.Generator().manual_seed(seed))
         if theta is None:
@@ -254,6 +288,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.spec = FlatSpec(tuple(names), tuple(tuple(p.shape) for p in self._plist()))
 
     def add_param_group(self, param_group) -> None:
+        if isinstance(param_group, dict):
+            where = f"param_groups[{len(self.param_groups)}]"
+            _check_group({k: v for k, v in param_group.items() if k != "params"}, self.rule, where)
         if not self.__dict__.get("_ready"):  # called from Optimizer.__init__
             return super().add_param_group(param_group)
         if self.rule.spec_dependent:
@@ -352,6 +389,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._flat = flat
         self._views_stale = True
 
+    def _rule_state_keys(self):
+        if self._flat is not None:
+            return list(self._flat)
+        with torch.no_grad():
+            return list(self.rule.init(dict(zip(self._names, self._plist()))))
+
     # -- the step -----------------------------------------------------------------------------------
     def _can_step_(self, plist, state, glist=None) -> bool:
         """Whether the rule's in-place ``step_`` applies: it has one, and params, grads and
@@ -412,6 +455,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             lval = ref.clone() if isinstance(ref, Tensor) else ps[0].new_zeros(())
         ctx = {"loss": lval,
                "act": dict(self._recorder.stats) if self._recorder is not None else None}
+        decays = [float(g.get("weight_decay", 0.0)) for g in self.param_groups for _ in g["params"]]
+        if not full:
+            decays = [decays[i] for i in active]
+        if any(decays):  # absent when all zero: the update is exactly the rule's own
+            ctx["weight_decay"] = decays
 
         if self._can_step_(ps, state, gs):
             new_state = self.rule.step_(theta, ps, gs, state, spec, ctx, scales)
@@ -446,6 +494,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                   "per-parameter state); re-save it with this version")
         if theta is not None:
             check_theta(theta, self.theta, where="state_dict['theta']")
+        for i, g in enumerate(state_dict.get("param_groups", [])):
+            foreign = sorted(set(g) - _GROUP_KEYS - {"params"})
+            if foreign:
+                raise CheckpointError(
+                    f"state_dict['param_groups'][{i}] has key {foreign[0]!r}: not a "
+                    f"LearnedOptimizer state_dict (one of another torch.optim optimizer?)")
+        expected_keys = set(self._rule_state_keys())
+        for i, entry in (state_dict.get("state") or {}).items():
+            extra = sorted(set(entry) - expected_keys) if isinstance(entry, dict) else []
+            if extra:
+                raise CheckpointError(
+                    f"state_dict['state'][{i}] has key {extra[0]!r}, which rule "
+                    f"{self.rule.name!r} does not keep (expected {sorted(expected_keys)}): not "
+                    f"a state_dict of this optimizer")
         self._views_stale = False
         super().load_state_dict(state_dict)
         if theta is not None:

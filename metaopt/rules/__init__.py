@@ -7,6 +7,8 @@ from metaopt.rules.mlp import MLPRule
 from metaopt.rules.lookahead import LookaheadRule
 from metaopt.rules.hypergradient import AdamHDRule, SGDHDRule
 from metaopt.rules.pertensor import PerTensorRule
+from metaopt.rules.anchored import AnchoredRule
 
 __all__ = ["RULES", "Rule", "make_rule", "register_rule", "SGD", "Adam", "LayerwiseLR",
-           "PerParameterLR", "MLPRule", "LookaheadRule", "SGDHDRule", "AdamHDRule", "PerTensorRule"]
+           "PerParameterLR", "MLPRule", "LookaheadRule", "SGDHDRule", "AdamHDRule", "PerTensorRule",
+           "AnchoredRule"]

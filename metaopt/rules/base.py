@@ -72,6 +72,10 @@ class Rule:
     #: whether theta's shapes depend on the parameter spec (then a trained theta only fits
     #: models with that spec, e.g. one learning rate per layer)
     spec_dependent: ClassVar[bool] = False
+    #: whether ``update``/``step_`` apply ``ctx["weight_decay"]`` (one decoupled weight-decay
+    #: coefficient per tensor, from the param groups of :class:`metaopt.optim.LearnedOptimizer`);
+    #: a rule without it rejects a nonzero group ``weight_decay``
+    supports_weight_decay: ClassVar[bool] = False
 
     def init_theta(self, spec: FlatSpec, generator: Optional[torch.Generator] = None) -> Params:
         raise NotImplementedError

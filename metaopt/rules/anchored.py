@@ -1,0 +1,207 @@
+"""``anchored``: the per-tensor learned optimizer with a step that cannot run away -- the shipped
+default.
+
+It is the :mod:`pertensor <metaopt.rules.pertensor>` design (Adam's per-coordinate direction, a
+small per-tensor controller that sets how far each tensor moves) with three changes that make it
+robust by construction on models unlike the ones it was meta-trained on:
+
+* **The step is anchored to the weight's scale at initialization**, not to its current scale.
+  ``pertensor`` moves a matrix by ``lr * RMS(p_t)``: when a weight grows, its step grows with it,
+  a positive feedback that a linear model on unnormalized inputs turns into a climbing loss.
+  Here the step is ``lr * (RMS(p_0) + floor / sqrt(fan_in))``: a fixed, per-tensor length scale
+  (muP-like), still invariant to a per-tensor reparameterization ``w = s w'`` (which rescales
+  ``p_0`` too), and the controller sees how far the weight has moved from it (``growth``).
+* **A warm-up that starts small**: the learning rate is multiplied by ``1 - exp(-t / tau)``
+  (``tau`` learned, between 1 and 200 steps), so the first, poorly estimated Adam steps
+  (``m / sqrt(v) = sign(g)`` at step 1) cannot overshoot a fresh problem.
+* **AdamW's decoupled weight decay**, per param group, at the learned rate (see below).
+
+Per parameter tensor ``i`` at step ``t``:
+
+    m <- b1 m + (1-b1) g,   v <- b2 v + (1-b2) g^2
+    d   = (m / (1-b1^t) + c_i g) / (sqrt(v / (1-b2^t)) + eps)
+    lr_i = exp(log_lr_k + a_i) * anchor_i * (1 - exp(-t / tau))         k = matrix | vector
+    anchor_i = RMS(p_0,i) + exp(log_floor) / sqrt(fan_in_i)   (matrices);   1 (vectors)
+    p  <- p - lr_i * d - wd * lr_i * p                                   (wd: the group's weight_decay)
+
+``(a_i, c_i)`` are the tanh-bounded outputs (``|a_i| <= max_log_mult``, ``|c_i| <= 1``) of an
+MLP on per-tensor features that are all invariant to rescaling a tensor's weights and
+gradients: ``cos(m_{t-1}, g_t)``, the gradient's signal-to-noise ``log(|m|^2 / sum v)``, a
+gradient spike ``log(|g|^2 / sum v)``, the vector flag, the growth ``log((RMS(p_t) + f) /
+(RMS(p_0) + f))`` and time features ``tanh(t / tau_j)``, ``log(1 + t) / 10``. With the output
+layer at zero (a fresh theta) the rule is Adam with the anchored per-tensor rates and the warm-up.
+
+Weight decay: ``weight_decay`` of a :class:`metaopt.optim.LearnedOptimizer` param group (passed
+as ``ctx["weight_decay"]``, one value per tensor) is AdamW's decoupled decay ``p <- p - lr * wd *
+p`` with ``lr`` the tensor's learned rate ``lr_i`` (times the group's ``lr`` multiplier). ``lr_i``
+is the rate per unit of Adam direction, about 1e-3 for a typical layer, so ``weight_decay=0.01``
+decays about as much as ``AdamW(lr=1e-3, weight_decay=0.01)``, and the decay follows the learned
+schedule (warm-up included). ``weight_decay=0`` (the default) leaves the update untouched.
+
+State: ``step`` (scalar), ``m``, ``v`` ([N], per coordinate), ``rms0`` ([T], per tensor: RMS of
+each tensor when the state was created).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from metaopt.rules.base import default_scales, flat_views, register_rule
+from metaopt.rules.pertensor import TINY, PerTensorRule
+from metaopt.types import FlatSpec, safe_sqrt
+
+#: bounds of the learned warm-up time constant (steps)
+WARMUP_RANGE = (1.0, 200.0)
+
+
+def weight_decays(ctx, n: int, like: Tensor) -> Optional[Tensor]:
+    """``ctx["weight_decay"]`` as a [T] tensor, or None when absent or all zero."""
+    wd = (ctx or {}).get("weight_decay")
+    if wd is None:
+        return None
+    wd = torch.as_tensor(wd, dtype=like.dtype, device=like.device).reshape(-1)
+    if wd.numel() != n:
+        raise ValueError(f"ctx['weight_decay'] has {wd.numel()} values for {n} parameter tensors")
+    return wd if bool((wd != 0).any()) else None
+
+
+@register_rule
+class AnchoredRule(PerTensorRule):
+    name = "anchored"
+    supports_weight_decay = True
+
+    def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
+                 floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 2.0,
+                 warmup: float = 5.0):
+        super().__init__(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
+                         floor=floor, beta1=beta1, beta2=beta2, eps=eps, time_taus=time_taus,
+                         max_log_mult=max_log_mult)
+        lo, hi = WARMUP_RANGE
+        if not lo <= warmup <= hi:
+            raise ValueError(f"Invalid warmup: {warmup} (must be in [{lo:g}, {hi:g}] steps)")
+        self.warmup = float(warmup)
+
+    def config(self):
+        return {**super().config(), "warmup": self.warmup}
+
+    @property
+    def num_inputs(self) -> int:
+        return super().num_inputs + 1   # + growth
+
+    def init_theta(self, spec=None, generator=None):
+        theta = super().init_theta(spec, generator)
+        theta["log_warmup"] = torch.tensor(math.log(self.warmup))
+        return theta
+
+    def init(self, params):
+        spec = FlatSpec.of(params)
+        p = spec.flatten(params)
+        rms0 = torch.stack([t.detach().pow(2).mean().sqrt() for t in params.values()]) \
+            if params else p.new_zeros(0)
+        return {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p),
+                "rms0": rms0.to(p.dtype)}
+
+    # -- the per-tensor controller (shared by ``update`` and ``step_``) -------------------------
+    def controller(self, theta, spec: FlatSpec, stats: Tensor, step: Tensor,
+                   rms0: Tensor = None) -> Tuple[Tensor, Tensor]:
+        """``stats`` [T, 6] per tensor: <m_prev, g>, |m_prev|^2, |g|^2, sum v (new), |p|^2, numel;
+        ``rms0`` [T]; ``step`` = t (>= 1). Returns the learning rate lr_i [T] and the gradient
+        share c [T]."""
+        dtype, device = stats.dtype, stats.device
+        is_vec, inv_sqrt_fan = self._static(spec, dtype, device)
+        dot, mm, gg, vsum, pp, n = stats.unbind(-1)
+        b1, b2 = self.beta1, self.beta2
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        th = {k: v.to(dtype) for k, v in theta.items()}
+        m_new_sq = b1 * b1 * mm + 2 * b1 * (1 - b1) * dot + (1 - b1) ** 2 * gg
+        v_mean = vsum / bc2 / n + TINY
+        cos = dot * torch.rsqrt(mm * gg + TINY)
+        snr = torch.log(m_new_sq / (bc1 * bc1) / n / v_mean + 1e-8)
+        spike = torch.log(gg / n / v_mean + 1e-8)
+        floor = torch.exp(th["log_floor"]) * inv_sqrt_fan
+        growth = torch.log((torch.sqrt(pp / n) + floor) / (rms0 + floor))
+        tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
+        glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
+        x = torch.cat([torch.stack([cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5, is_vec,
+                                    growth.clamp(-3, 3) / 3], -1),
+                       glob.expand(cos.shape[0], glob.shape[0])], -1)
+        h = torch.relu(x @ th["w0"] + th["b0"])
+        out = h @ th["w1"] + th["b1"]
+        a = self.max_log_mult * torch.tanh(out[:, 0] / self.max_log_mult)
+        c = torch.tanh(out[:, 1])
+        log_base = torch.where(is_vec > 0, th["log_lr_vector"], th["log_lr_matrix"])
+        anchor = torch.where(is_vec > 0, torch.ones_like(rms0), rms0 + floor)
+        lo, hi = WARMUP_RANGE
+        tau = torch.exp(th["log_warmup"].clamp(math.log(lo), math.log(hi)))
+        warm = -torch.expm1(-step / tau)
+        return torch.exp(log_base + a) * anchor * warm, c
+
+    # -- reference (differentiable, vmappable) path ------------------------------------------------
+    def update(self, theta, grads, state, params, ctx=None):
+        spec = FlatSpec.of(params)
+        g, p = spec.flatten(grads), spec.flatten(params)
+        T = spec.num_tensors
+        seg = spec.segment_ids(g.device)
+        m_prev, v_prev = state["m"], state["v"]
+        step = state["step"] + 1
+        t = step.to(g.dtype)
+        m = self.beta1 * m_prev + (1 - self.beta1) * g
+        v = self.beta2 * v_prev + (1 - self.beta2) * g * g
+
+        def seg_sum(x):
+            return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype, device=x.device).index_add(-1, seg, x)
+
+        n = torch.tensor(spec.numels, dtype=g.dtype, device=g.device)
+        stats = torch.stack([seg_sum(m_prev * g), seg_sum(m_prev * m_prev), seg_sum(g * g),
+                             seg_sum(v), seg_sum(p * p), n], -1)
+        lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype))
+        den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
+        d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
+        u = -lr[seg] * d
+        wd = weight_decays(ctx, T, g)
+        if wd is not None:
+            u = u - (wd * lr)[seg] * p
+        return spec.unflatten(u), {"step": step, "m": m, "v": v, "rms0": state["rms0"]}
+
+    # -- in-place fast path --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        params, grads = list(params), list(grads)
+        m_all, v_all = state["m"], state["v"]
+        dtype, device = v_all.dtype, v_all.device
+        m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
+        step = state["step"] + 1
+        t = float(step)
+        # per-tensor reductions before the moments move (<m_prev, g>, |m_prev|^2, |g|^2, |p|^2)
+        rows: List[Tensor] = []
+        for mv, gv, pv in zip(m_views, grads, params):
+            mf, gf, pf = mv.reshape(-1), gv.reshape(-1), pv.reshape(-1)
+            rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf),
+                                     torch.dot(pf, pf)]))
+        torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
+        torch._foreach_mul_(v_views, self.beta2)
+        torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
+        vsum = torch.stack([vv.sum() for vv in v_views])
+        r = torch.stack(rows)
+        n = torch.tensor(spec.numels, dtype=dtype, device=device)
+        stats = torch.stack([r[:, 0], r[:, 1], r[:, 2], vsum, r[:, 3], n], -1)
+        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=dtype, device=device),
+                                state["rms0"])
+        wd = weight_decays(ctx, len(params), v_all)
+        if wd is not None:  # decoupled decay on the weights before this step's update
+            decay = (wd * lr).tolist()
+            torch._foreach_mul_(params, [1.0 - s * k for s, k in zip(scales, decay)])
+        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
+        den = v_all.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
+        den_views = flat_views(den, spec)
+        lr_l, c_l = lr.tolist(), c.tolist()
+        torch._foreach_addcdiv_(params, m_views, den_views,
+                                [-l / bc1 * s for l, s in zip(lr_l, scales)])
+        torch._foreach_addcdiv_(params, grads, den_views,
+                                [-l * cc * s for l, cc, s in zip(lr_l, c_l, scales)])
+        return {"step": step, "m": m_all, "v": v_all, "rms0": state["rms0"]}
