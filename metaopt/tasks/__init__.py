@@ -20,6 +20,8 @@ from metaopt.tasks.rnn import GRULMTask
 from metaopt.tasks.mixture import MixtureFamily, ReparamTask
 from metaopt.tasks.suite import HELDOUT, SuiteFamily
 from metaopt.tasks.retrieval import AssocRetrievalFamily, RetrievalTask
+from metaopt.tasks.synthetic import (MatFacFamily, MatFacTask, RawFeaturesFamily, RegressionFamily,
+                                     ResMLPFamily, ResMLPTask, VAEFamily, VAETask)
 
 FAMILIES: Dict[str, Type[TaskFamily]] = {
     "quadratic": QuadraticFamily,
@@ -31,6 +33,11 @@ FAMILIES: Dict[str, Type[TaskFamily]] = {
     "mixture": MixtureFamily,
     "suite": SuiteFamily,
     "assoc_retrieval": AssocRetrievalFamily,
+    "regression": RegressionFamily,
+    "raw_features": RawFeaturesFamily,
+    "vae": VAEFamily,
+    "matfac": MatFacFamily,
+    "resmlp": ResMLPFamily,
 }
 
 
@@ -68,5 +75,6 @@ __all__ = [
     "MLPModule", "MLPTask", "DigitsMLPFamily", "ConvModule", "ConvTask", "DigitsConvFamily",
     "CharLMModule", "CharLMTask", "CharLMFamily", "FAMILIES", "family_options", "make_family",
     "AutoencoderTask", "DigitsAEFamily", "GRULMTask", "MixtureFamily", "ReparamTask", "HELDOUT",
-    "SuiteFamily",
+    "SuiteFamily", "RegressionFamily", "RawFeaturesFamily", "VAEFamily", "VAETask", "MatFacFamily",
+    "MatFacTask", "ResMLPFamily", "ResMLPTask",
 ]
