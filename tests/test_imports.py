@@ -25,7 +25,7 @@ ROOT = Path(metaopt.__file__).resolve().parent
 LAYER = {"types": 0, "activations": 0,
          "rules": 1, "tasks": 1, "fastweights": 1,
          "meta": 2, "optim": 2, "interop": 2, "viz": 2,
-         "cli": 3}
+         "cli": 3, "__main__": 3}   # python -m metaopt: the cli dispatcher
 FORBIDDEN = {("tasks", "rules"), ("rules", "tasks"), ("optim", "meta"), ("optim", "tasks")}
 SCHEMES = {"metaopt.meta.nested", "metaopt.meta.interleaved", "metaopt.meta.continuous",
            "metaopt.meta.es"}

@@ -20,11 +20,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metaopt.cli.common import config_dir, one_line_errors
+from metaopt.cli.common import (check_known_keys, config_dir, one_line_errors,
+                                primary_config_keys, register_resolvers)
 from metaopt.cli.config import DTYPES, build_family, register_configs
 
 log = logging.getLogger("metaopt.eval")
 register_configs()
+register_resolvers()
 
 
 def _resolve_checkpoint(path: str):
@@ -45,6 +47,19 @@ def _spec_matches(rule, meta, task) -> bool:
     return [list(x) for x in meta.get("spec") or []] == [[n, list(s)] for n, s in task.param_shapes().items()]
 
 
+def _check_spec(rule, meta, task, fam_name: str, checkpoint: str, key: str) -> None:
+    """A spec-dependent rule (theta per parameter tensor) runs only on the parameter shapes it
+    was trained for: anything else is an error naming the family and where it came from."""
+    if _spec_matches(rule, meta, task):
+        return
+    trained = {n: tuple(s) for n, s in (meta.get("spec") or [])}
+    here = {n: tuple(s) for n, s in task.param_shapes().items()}
+    raise ValueError(f"checkpoint={checkpoint!r}: rule {rule.name!r} has one theta per parameter "
+                     f"tensor, trained for shapes {trained}, and cannot run on {fam_name} "
+                     f"(from {key}; shapes {here}): evaluate it on its training task"
+                     + (" and set eval.extra_families=[]" if key == "eval.extra_families" else ""))
+
+
 def run_eval(cfg: DictConfig, out_dir: Path) -> float:
     import torch
     from metaopt.meta.evaluate import train_task, tune_lr
@@ -62,6 +77,9 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> float:
     families = [(cfg.task.family, build_family(cfg.task, e.dtype))]
     from metaopt.tasks import make_family
     for name in e.extra_families:
+        if name in (f for f, _ in families):   # task= already evaluates it: once is enough
+            log.info("eval.extra_families: %s is already evaluated (task=%s); skipped", name, name)
+            continue
         try:
             families.append((name, make_family(name, dtype=dtype)))
         except ValueError as err:
@@ -71,6 +89,12 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> float:
         from hydra.utils import instantiate
         base_name = HydraConfig.get().runtime.choices.get("optimizer") or "optimizer"
 
+    if rule is not None:   # fail before any training, not after the first families
+        for j, (fam_name, family) in enumerate(families):
+            for i in range(e.num_tasks):
+                _check_spec(rule, meta, family.sample_seeded(e.seed + i), fam_name,
+                            cfg.checkpoint, "task=" if j == 0 else "eval.extra_families")
+
     results, curves = [], []
     kw = dict(eval_every=e.eval_every, dtype=dtype)
     for fam_name, family in families:
@@ -78,7 +102,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> float:
             seed = e.seed + i
             task = family.sample_seeded(seed)
             runs = []
-            if rule is not None and _spec_matches(rule, meta, task):
+            if rule is not None:
                 runs.append(train_task(task, lambda named, t: LearnedOptimizer(
                     named, rule=rule, theta={k: v.to(dtype) for k, v in theta.items()},
                     model=t.module), e.steps, seed, name="learned", **kw))
@@ -272,6 +296,7 @@ def _plot_suite_curves(curve_rows: List[Dict], S: int, path: Path) -> None:
 @one_line_errors
 def main(cfg: DictConfig) -> float:
     out = Path(HydraConfig.get().runtime.output_dir)
+    check_known_keys(cfg, primary_config_keys())
     if cfg.get("speedup") is not None:
         return run_speedup(cfg, out)
     return run_eval(cfg, out)

@@ -151,12 +151,33 @@ def eval_sweep_table(sweep_dir: Path) -> str:
     return summarize(rows)
 
 
+DESCRIPTION = """Compare the runs of a sweep directory.
+
+A metaopt-train -m sweep (run directories with metrics.csv): one row per run with its overrides,
+scheme, final meta-loss, wall time and inner steps, plus the held-out validation loss of its final
+rule and of Adam(1e-3) on the same fresh tasks of its training family; figures
+meta_loss_vs_time.png, meta_loss_vs_inner_steps.png and heldout.png.
+A metaopt-eval -m sweep (job directories with results.csv): the jobs' tables merged into one,
+with curves.png. Writes report.csv and report.md into the sweep directory and prints the table."""
+
+EPILOG = """examples:
+  metaopt-report runs/schemes --eval-steps 200 --eval-tasks 3
+  metaopt-report runs/baselines"""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="metaopt-report", description=__doc__.split("\n")[0])
-    p.add_argument("sweep_dir", type=Path)
-    p.add_argument("--eval-steps", type=int, default=200, help="inner steps per held-out task (0: skip)")
-    p.add_argument("--eval-tasks", type=int, default=3)
-    p.add_argument("--seed", type=int, default=2_000_000_000)
+    p = argparse.ArgumentParser(prog="metaopt-report", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", type=Path,
+                   help="the sweep directory (hydra.sweep.dir of the multirun)")
+    p.add_argument("--eval-steps", type=int, default=200,
+                   help="inner steps per held-out task (0: skip the held-out evaluation; "
+                        "default: %(default)s)")
+    p.add_argument("--eval-tasks", type=int, default=3,
+                   help="held-out tasks per run, the same for every run (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=2_000_000_000,
+                   help="seed of the first held-out task; seeds seed, seed+1, ... are never "
+                        "drawn in meta-training (default: %(default)s)")
     a = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)

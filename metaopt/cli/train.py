@@ -1,6 +1,6 @@
 """``metaopt-train``: meta-train a rule on a task family; returns the final meta-loss.
 
-    metaopt-train                                   # digits MLP family, MLP rule, nested scheme
+    metaopt-train                                   # the task mixture, pertensor rule, nested scheme
     metaopt-train rule=layerwise_lr task.widths=[64] task.depths=[2] meta.outer_steps=200
     metaopt-train resume=true hydra.run.dir=<the killed run's dir>
     torchrun --nproc_per_node=2 -m metaopt.cli.train hydra.run.dir=runs/ddp   # 2 processes
@@ -16,12 +16,51 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metaopt.cli.common import config_dir, one_line_errors
+from metaopt.cli.common import (check_known_keys, config_dir, one_line_errors,
+                                primary_config_keys, register_resolvers)
 from metaopt.cli.config import (build_family, build_local, build_rule, build_scheme,
                                 build_train_config, register_configs)
 
 log = logging.getLogger("metaopt.train")
 register_configs()
+register_resolvers()
+
+#: config keys a resumed run may change: how long it runs and how it logs, not what it trains
+RESUME_MAY_CHANGE = ("meta.outer_steps", "meta.max_seconds", "meta.progress", "meta.log_every",
+                     "meta.checkpoint_every", "resume", "threads", "distributed")
+#: compared first, so a changed rule/task/scheme is reported as that, not as one of its fields
+_RESUME_FIRST = ("rule.name", "task.family", "scheme.name")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, now: dict, where: str) -> None:
+    """``resume=true`` continues the run in the checkpoint: the config must be the one it was
+    started with, up to ``RESUME_MAY_CHANGE``. The first differing key is a one-line error."""
+    a, b = _flatten(saved), _flatten(now)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)
+    keys = [k for k in _RESUME_FIRST if k in a or k in b]
+    keys += sorted(k for k in set(a) | set(b) if k not in keys and not free(k))
+    missing = object()
+    for k in keys:
+        x, y = a.get(k, missing), b.get(k, missing)
+        if x != y:
+            show = lambda v: "unset" if v is missing else repr(v)
+            what = ("the rule changed" if k == "rule.name" else "the task changed"
+                    if k == "task.family" else "the scheme changed" if k == "scheme.name"
+                    else "the config changed")
+            raise ValueError(f"resume: {what}: {k} is {show(y)} now but {show(x)} in {where}; "
+                             f"resume with the run's own config (only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run "
+                             f"in another hydra.run.dir")
 
 
 def run_train(cfg: DictConfig, out_dir: str) -> float:
@@ -42,6 +81,11 @@ def run_train(cfg: DictConfig, out_dir: str) -> float:
     trainer = MetaTrainer(rule, family, scheme, train_cfg, out_dir,
                           resolved_config=OmegaConf.to_container(cfg, resolve=True), dist=dist)
     if cfg.resume:
+        saved = trainer.ckpt_dir / "config.yaml"
+        if saved.is_file():
+            import yaml
+            check_resume_config(yaml.safe_load(saved.read_text()), trainer.resolved_config,
+                                str(saved))
         trainer.load_checkpoint()
         log.info("resumed from %s at outer step %d", trainer.ckpt_dir, trainer.outer_step)
     final = trainer.run()
@@ -71,6 +115,7 @@ def main(cfg: DictConfig) -> float:
     import os
     from hydra.types import RunMode
     hc = HydraConfig.get()
+    check_known_keys(cfg, primary_config_keys())
     if hc.mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("metaopt-train -m (multirun) under torchrun is not supported: launch one "
                          "torchrun per run, or sweep with hydra/launcher=submitit_slurm")

@@ -184,48 +184,83 @@ def _mode(mode: str, rule: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="metaopt-fastweights", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="metaopt-fastweights", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fast-weight experiments: train fast-weight layers and baselines with Adam and print\n"
+                    "a table (test metric of the best validation checkpoint).\n"
+                    "  retrieval: Ba et al. associative retrieval (c9k8j3f1??c -> 9), test error\n"
+                    "  capacity:  Schlag et al. key-value capacity, test MSE",
+        epilog="examples:\n"
+               "  metaopt-fastweights retrieval --cores fastweights lstm rnn --hidden 20 --max-steps 2000\n"
+               "  metaopt-fastweights capacity --rules sum delta --keys 20 --max-steps 500")
     sub = p.add_subparsers(dest="task", required=True)
     r = sub.add_parser("retrieval", help="Ba et al. associative retrieval (error table)")
-    r.add_argument("--cores", nargs="+", default=["fastweights", "lstm", "rnn"], choices=CORES)
-    r.add_argument("--hidden", nargs="+", type=int, default=[20])
-    r.add_argument("--num-pairs", type=int, default=4)
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--batch-size", type=int, default=128)
-    r.add_argument("--max-steps", type=int, default=20000)
-    r.add_argument("--max-seconds", type=float, default=math.inf)
-    r.add_argument("--eval-every", type=int, default=500)
-    r.add_argument("--target-error", type=float, default=0.0)
-    r.add_argument("--train-size", type=int, default=100_000)
+    r.add_argument("--cores", nargs="+", default=["fastweights", "lstm", "rnn"], choices=CORES,
+        help="models to train: fastweights (Ba et al.), fwp (a FastWeightProgrammer), lstm, rnn")
+    r.add_argument("--hidden", nargs="+", type=int, default=[20],
+        help="hidden sizes R (one run per size and core)")
+    r.add_argument("--num-pairs", type=int, default=4,
+        help="key-value pairs per sequence (K)")
+    r.add_argument("--lr", type=float, default=1e-3,
+        help="Adam learning rate")
+    r.add_argument("--batch-size", type=int, default=128,
+        help="sequences per step")
+    r.add_argument("--max-steps", type=int, default=20000,
+        help="training steps at most")
+    r.add_argument("--max-seconds", type=float, default=math.inf,
+        help="wall-clock budget per run")
+    r.add_argument("--eval-every", type=int, default=500,
+        help="steps between validation evaluations")
+    r.add_argument("--target-error", type=float, default=0.0,
+        help="stop once the validation error is at most this")
+    r.add_argument("--train-size", type=int, default=100_000,
+        help="training sequences (valid 10,000, test 20,000)")
     r.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     r.add_argument("--rule", default="delta", choices=RULES, help="rule of the fwp core")
     r.add_argument("--form", default="attention", choices=["matrix", "attention"],
                    help="FastWeightRNN computation (equal results; attention is cheaper)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0,
+        help="seed of data and initialization")
     c = sub.add_parser("capacity", help="Schlag et al. capacity task (loss table)")
-    c.add_argument("--rules", nargs="+", default=["sum", "delta", "learned"], choices=RULES)
-    c.add_argument("--keys", nargs="+", type=int, default=[20, 100, 120])
-    c.add_argument("--setting", type=int, default=2, choices=[1, 2])
-    c.add_argument("--d-key", type=int, default=64)
-    c.add_argument("--d-value", type=int, default=8)
-    c.add_argument("--feature-map", default="dpfp")
-    c.add_argument("--dpfp-nu", type=int, default=1)
+    c.add_argument("--rules", nargs="+", default=["sum", "delta", "learned"], choices=RULES,
+        help="write rules to compare")
+    c.add_argument("--keys", nargs="+", type=int, default=[20, 100, 120],
+        help="numbers of keys N (one run per N and rule)")
+    c.add_argument("--setting", type=int, default=2, choices=[1, 2],
+        help="1: each key written once; 2: each key written twice with fresh values")
+    c.add_argument("--d-key", type=int, default=64,
+        help="key embedding size")
+    c.add_argument("--d-value", type=int, default=8,
+        help="one-hot value size")
+    c.add_argument("--feature-map", default="dpfp",
+        help="key feature map: identity, elu1, dpfp")
+    c.add_argument("--dpfp-nu", type=int, default=1,
+        help="DPFP order nu")
     c.add_argument("--mode", default="auto", choices=["auto", "recurrent", "chunkwise"],
                    help="auto: chunkwise for sum/delta, recurrent for the others")
-    c.add_argument("--lr", type=float, default=3e-3)
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--max-steps", type=int, default=5000)
-    c.add_argument("--max-seconds", type=float, default=math.inf)
-    c.add_argument("--eval-every", type=int, default=250)
-    c.add_argument("--target-loss", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--ttt-mini-batch", type=int, default=16)
+    c.add_argument("--lr", type=float, default=3e-3,
+        help="Adam learning rate")
+    c.add_argument("--batch-size", type=int, default=32,
+        help="sequences per step")
+    c.add_argument("--max-steps", type=int, default=5000,
+        help="training steps at most")
+    c.add_argument("--max-seconds", type=float, default=math.inf,
+        help="wall-clock budget per run")
+    c.add_argument("--eval-every", type=int, default=250,
+        help="steps between validation evaluations")
+    c.add_argument("--target-loss", type=float, default=0.0,
+        help="stop once the validation MSE is at most this")
+    c.add_argument("--seed", type=int, default=0,
+        help="seed of data and initialization")
+    c.add_argument("--ttt-mini-batch", type=int, default=16,
+        help="ttt rule: writes per inner gradient step")
     c.add_argument("--init-rule", default=None, help="learned rule: start the write network "
                    "from this safetensors file")
     c.add_argument("--save-rule", default=None, help="learned rule: save the trained write "
                    "network here (safetensors)")
     for s in (r, c):
-        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--threads", type=int, default=1,
+            help="torch CPU threads")
         s.add_argument("--out", default=None, help="write the result rows as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
