@@ -119,6 +119,11 @@ class WrapperOptimizer(Optimizer):
                     raise RuntimeError(f"{type(self).__name__}.state_dict: the inner optimizer's "
                                        f"state already has a key {k!r}")
                 entry[k] = v
+        # entries of self.state not keyed by a parameter (a state_dict pre hook may add them)
+        # travel as they are, as in torch.optim.Optimizer.state_dict
+        for k, v in self.state.items():
+            if not isinstance(k, Tensor):
+                state[k] = v
         groups = [dict(g) for g in inner["param_groups"]]
         for g in groups:
             for k, v in self._counters.items():
@@ -136,6 +141,7 @@ class WrapperOptimizer(Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
+        other_state: Dict[Any, Any] = {}
         if "inner" in state_dict and "counters" in state_dict:  # the format before 0.1.x
             inner_sd, own_state = state_dict["inner"], state_dict.get("state", {})
             counters = state_dict["counters"]
@@ -148,8 +154,11 @@ class WrapperOptimizer(Optimizer):
             # from torch.distributed.checkpoint); map those keys to indices of this optimizer
             saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]
             to_index = {k: j for j, k in enumerate(saved_ids)}
-            inner_state, own_state = {}, {}
+            inner_state, own_state, other_state = {}, {}, {}
             for key, entry in state_dict["state"].items():
+                if key not in to_index or not isinstance(entry, dict):
+                    other_state[key] = entry   # not a parameter's entry: kept as it is
+                    continue
                 inner = {k: v for k, v in entry.items() if not k.startswith(self._OWN_PREFIX)}
                 own = {k: v for k, v in entry.items() if k.startswith(self._OWN_PREFIX)}
                 if inner:
@@ -176,6 +185,7 @@ class WrapperOptimizer(Optimizer):
             p = params[i]
             self.state[p] = {k: v.to(device=p.device, dtype=p.dtype).clone() if isinstance(v, Tensor)
                              and v.is_floating_point() else v for k, v in entry.items()}
+        self.state.update(other_state)
         self._counters.update({k: int(v) for k, v in counters.items()})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
