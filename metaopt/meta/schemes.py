@@ -21,11 +21,16 @@ SCHEMES: Dict[str, Type["Scheme"]] = {}
 
 
 def register_scheme(cls):
+    """Class decorator: make a :class:`Scheme` subclass available as ``make_scheme(cls.name)``
+    (and as ``scheme=<name>`` once it has a config node)."""
     SCHEMES[cls.name] = cls
     return cls
 
 
 def make_scheme(name: str, **kwargs) -> "Scheme":
+    """A registered scheme by name (``nested``, ``interleaved``, ``continuous``, ``es``, ``pes``),
+    built with ``kwargs``, e.g. ``make_scheme("nested", truncation=25)``; an unknown name is a
+    ValueError listing the known ones."""
     if name not in SCHEMES:
         raise ValueError(f"Unknown scheme name: {name!r} (known: {', '.join(sorted(SCHEMES))})")
     return SCHEMES[name](**kwargs)

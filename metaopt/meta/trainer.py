@@ -71,6 +71,15 @@ class TrainConfig:
 
 
 class MetaTrainer:
+    """Meta-train ``rule`` on tasks drawn from ``family`` with ``scheme``, as configured by ``cfg``.
+
+    ``run()`` performs ``cfg.outer_steps`` outer steps (theta <- Adam step on the scheme's
+    meta-gradient over ``cfg.meta_batch`` persistent slots), writes ``metrics.csv`` and
+    TensorBoard curves to ``out_dir`` and checkpoints to ``out_dir/checkpoints/last``, and
+    returns the final meta-loss; ``load_checkpoint()`` resumes exactly. ``theta`` holds the
+    meta-parameters (``theta_detached()`` for a copy). See the module docstring.
+    """
+
     def __init__(self, rule: Rule, family: TaskFamily, scheme: Scheme, cfg: TrainConfig,
                  out_dir, resolved_config: Optional[dict] = None,
                  dist: Optional[Distributed] = None):

@@ -56,6 +56,10 @@ def register_rule(cls):
 
 
 def make_rule(name: str, **kwargs) -> "Rule":
+    """A registered rule by name, built with ``kwargs`` (its constructor's arguments), e.g.
+    ``make_rule("adam", lr=1e-3)`` or ``make_rule("layerwise_lr", num_steps=50)``. The names are
+    the keys of ``RULES`` (``@register_rule`` adds one); an unknown name is a ValueError listing
+    the known ones."""
     if name not in RULES:
         raise ValueError(f"Unknown rule name: {name!r} (known: {', '.join(sorted(RULES))})")
     return RULES[name](**kwargs)
