@@ -61,6 +61,8 @@ def _outer(u: Tensor, k: Tensor) -> Tensor:  # (B, dv), (B, dk) -> (B, dv, dk)
 # -- recurrent references ---------------------------------------------------------------------
 def sum_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, W0: Optional[Tensor] = None
                   ) -> Tuple[Tensor, Tensor]:
+    """Sum rule (linear attention) step by step: ``W += v_t k_t^T``, read ``W q_t``.
+    Returns ``(y (B, T, dv) or None, final W)``."""
     W = _init_state(k, v, W0)
     ys = []
     for t in range(k.shape[1]):
@@ -72,6 +74,8 @@ def sum_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, W0: Optional[Tensor
 
 def delta_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, beta: Tensor,
                     W0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Delta rule step by step: ``W += beta_t (v_t - W k_t) k_t^T`` (``beta (B, T)``).
+    Returns ``(y or None, final W)``."""
     W = _init_state(k, v, W0)
     ys = []
     for t in range(k.shape[1]):
@@ -85,6 +89,8 @@ def delta_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, beta: Tensor,
 
 def hebbian_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, gate: Tensor, decay: float = 1.0,
                       W0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Neuromodulated Hebbian rule: ``W = decay W + m_t v_t k_t^T`` with the signed gate
+    ``m = gate (B, T)``. Returns ``(y or None, final W)``."""
     W = _init_state(k, v, W0)
     ys = []
     for t in range(k.shape[1]):
@@ -161,6 +167,8 @@ class WriteNet(nn.Module):
 
 def learned_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, beta: Tensor, net: WriteNet,
                       W0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Learned write: ``W += u_t k_t^T`` with ``u`` from the per-coordinate write network
+    ``net`` (:class:`WriteNet`). Returns ``(y or None, final W)``."""
     W = _init_state(k, v, W0)
     ys = []
     for t in range(k.shape[1]):
@@ -184,6 +192,8 @@ def _chunk(x: Tensor, C: int) -> Tensor:
 
 def sum_chunkwise(q: Optional[Tensor], k: Tensor, v: Tensor, W0: Optional[Tensor] = None,
                   chunk_size: int = 64) -> Tuple[Tensor, Tensor]:
+    """The sum rule in chunks of ``chunk_size`` steps (equal to :func:`sum_recurrent`, with
+    ``T / chunk_size`` Python iterations). Returns ``(y or None, final W)``."""
     if chunk_size < 1:
         raise ValueError(f"Invalid chunk_size: {chunk_size}")
     W = _init_state(k, v, W0)
@@ -241,6 +251,9 @@ def feature_dim(name: str, d: int, nu: int = 1) -> int:
 
 
 def feature_map(x: Tensor, name: str, nu: int = 1) -> Tensor:
+    """Key/query feature map ``name``: ``identity``, ``elu1`` (``elu(x) + 1``) or ``dpfp``
+    (Schlag et al.'s deterministic parameter-free projection of order ``nu``, ``2 nu d``
+    features)."""
     if name == "identity":
         return x
     if name == "elu1":

@@ -5,3 +5,6 @@ from metaopt.optim.lookbehind import Lookbehind
 from metaopt.optim.slrla import SLRLA
 from metaopt.optim.hypergradient import AdamHD, SGDHD
 from metaopt.optim.idbd import IDBD, Autostep
+
+__all__ = ["LearnedOptimizer", "Lookahead", "Lookbehind", "SLRLA", "AdamHD", "SGDHD", "IDBD",
+           "Autostep"]

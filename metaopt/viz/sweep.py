@@ -58,6 +58,8 @@ def _read_metrics(run: Path) -> List[Dict[str, float]]:
 
 
 def load_sweep(sweep_dir) -> List[SweepRun]:
+    """Every run of a ``metaopt-train -m`` sweep directory as a :class:`SweepRun` (label,
+    overrides, metrics.csv rows, resolved config), sorted by path."""
     runs = find_runs(sweep_dir)
     ovs = [run_overrides(r) for r in runs]
     labels = short_labels(ovs, [r.name for r in runs])
