@@ -200,7 +200,7 @@ def iqm(values) -> float:
 # -- (1) learned schedules and effective step sizes -------------------------------------------------
 def plot_lr_schedule(log_lr, names: Optional[Sequence[str]] = None, ax=None, title=None,
                      path: Optional[PathLike] = None):
-    """A LayerwiseLR schedule: theta["log_lr"] [num_steps, num_tensors] -> one line per layer."""
+    """A LayerwiseLR schedule: ``theta["log_lr"]`` of shape ``(num_steps, num_tensors)`` -> one line per layer."""
     import torch
     lr = torch.as_tensor(log_lr).detach().exp().cpu().numpy()
     if ax is None:
