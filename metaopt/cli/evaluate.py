@@ -175,21 +175,48 @@ def _write_csv(path: Path, rows: List[Dict]) -> None:
         w.writerows(rows)
 
 
+def _suite_problems(sp) -> List[str]:
+    """speedup.problems (all of speedup.set when null), each checked to be in speedup.set: the
+    final half runs only when asked for by name (speedup.set=final)."""
+    from metaopt.tasks.suite import suite_problems, suite_set_of
+    try:
+        names = list(suite_problems(sp.set))
+    except ValueError as err:
+        raise ValueError(f"speedup.set: {err}") from None
+    if sp.problems is None:
+        return names
+    for p in sp.problems:
+        try:
+            other = suite_set_of(p)
+        except ValueError as err:
+            raise ValueError(f"speedup.problems: {err}") from None
+        if other != sp.set:
+            raise ValueError(f"speedup.problems: {p!r} is in the {other} half, not in "
+                             f"speedup.set={sp.set} (set speedup.set={other} to run it)")
+    return list(sp.problems)
+
+
 def run_speedup(cfg: DictConfig, out_dir: Path) -> float:
     """The held-out suite (``metaopt-eval --config-name=suite``): speedup over lr-tuned Adam
-    (:mod:`metaopt.meta.speedup`) of the rule in ``checkpoint`` and of ``optimizer=...`` if
-    given. Writes speedup.csv, curves.csv, summary.md, speedup.png, curves.png; returns the
-    learned rule's IQM speedup."""
+    (:mod:`metaopt.meta.speedup`) of the rule in ``checkpoint``, of ``optimizer=...`` if given,
+    and of the untuned peers in ``speedup.peers`` (:mod:`metaopt.meta.peers`), on the problems
+    of ``speedup.set`` (``design`` or ``final``, see :mod:`metaopt.tasks.suite`). Writes
+    speedup.csv, curves.csv, summary.md, speedup.png, curves.png; returns the IQM speedup of
+    the first optimizer (the learned rule when ``checkpoint`` is set)."""
+    import time
+
     import torch
+    from metaopt.meta.peers import make_peers
     from metaopt.meta.speedup import evaluate_speedup, iqm
     from metaopt.optim import LearnedOptimizer
     from metaopt.tasks import make_family
 
     torch.set_num_threads(int(cfg.get("threads") or 1))
     sp = cfg.speedup
-    if sp.steps < 1 or sp.k < 1 or sp.eval_every < 1 or not sp.seeds or not sp.problems:
+    if sp.steps < 1 or sp.k < 1 or sp.eval_every < 1 or not sp.seeds or sp.problems == []:
         raise ValueError("speedup.steps, speedup.k, speedup.eval_every must be >= 1 and "
                          "speedup.seeds, speedup.problems non-empty")
+    problems = _suite_problems(sp)
     optimizers = {}
     if cfg.get("checkpoint"):
         rule, theta, _ = _resolve_checkpoint(cfg.checkpoint)
@@ -203,21 +230,28 @@ def run_speedup(cfg: DictConfig, out_dir: Path) -> float:
         from hydra.utils import instantiate
         base_name = HydraConfig.get().runtime.choices.get("optimizer") or "optimizer"
         optimizers[base_name] = lambda named, _c=baseline_cfg: instantiate(_c)([p for _, p in named])
+    try:
+        peers = make_peers(list(sp.peers or []), log=log.info)
+    except ValueError as err:
+        raise ValueError(f"speedup.peers: {err}") from None
+    for name, factory in peers.items():
+        if name in optimizers:
+            raise ValueError(f"speedup.peers: {name!r} is also the name of optimizer=...")
+        optimizers[name] = factory
     if not optimizers:
-        raise ValueError("nothing to evaluate: set checkpoint=... or optimizer=...")
+        raise ValueError("nothing to evaluate: set checkpoint=..., optimizer=... or speedup.peers")
     cache = Path(sp.cache_dir) if sp.cache_dir else None
     rows, curve_rows = [], []
-    for problem in sp.problems:
-        try:
-            family = make_family("suite", problem=problem)
-        except ValueError as err:
-            raise ValueError(f"speedup.problems: {err}") from None
+    for problem in problems:
+        family = make_family("suite", problem=problem)
         for seed in sp.seeds:
             log.info("%s seed %d", problem, seed)
+            t0 = time.perf_counter()
             task = family.sample_seeded(seed)
             r, curves = evaluate_speedup(task, problem, int(seed), optimizers, int(sp.steps),
                                          int(sp.k), list(sp.adam_lrs), int(sp.eval_every),
                                          int(sp.eval_examples), cache, log=log.info)
+            log.info("%s seed %d: %.0fs", problem, seed, time.perf_counter() - t0)
             rows += [vars(x) for x in r]
             for name, c in curves.items():
                 curve_rows += [dict(problem=problem, seed=seed, optimizer=name, step=st,
@@ -229,16 +263,24 @@ def run_speedup(cfg: DictConfig, out_dir: Path) -> float:
     (out_dir / "summary.md").write_text(table + "\n")
     from metaopt.viz.plots import plot_speedups
     plot_speedups([r for r in rows if r["optimizer"] != "adam(tuned)"], out_dir / "speedup.png",
-                  title=f"held-out suite, S = {sp.steps} steps")
+                  title=f"held-out suite ({sp.set} half), S = {sp.steps} steps")
     _plot_suite_curves(curve_rows, int(sp.steps), out_dir / "curves.png")
     vals = [r["speedup"] for r in rows if r["optimizer"] == next(iter(optimizers))]
     return iqm(vals)
 
 
+def _median(v: List[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 def summarize_speedup(rows: List[Dict], S: int) -> str:
     """Markdown: per problem the loss at S, speedup and validation loss of each optimizer next to
-    tuned Adam's; then per optimizer the IQM / median / min speedup, divergences and how often
-    its validation loss is no worse than tuned Adam's."""
+    tuned Adam's; then per optimizer the IQM / median / min speedup, how many runs reach 1x,
+    divergences and how often its validation loss is no worse than tuned Adam's; then, head to
+    head, on how many problems the first optimizer (the learned one, when evaluated) is faster
+    than each other one (speedup averaged over the seeds of a problem)."""
     from metaopt.meta.speedup import iqm
     lines = [f"| problem | optimizer | train loss @{S} | speedup | valid @{S} | "
              f"adam(tuned) valid @{S} (lr) | diverged |", "|---|---|---|---|---|---|---|"]
@@ -250,29 +292,56 @@ def summarize_speedup(rows: List[Dict], S: int) -> str:
     # training loss at S) and Adam with its lr tuned, in hindsight, on validation loss at S
     ref_train = {(r["problem"], r["seed"]): r["valid_at_S"] for r in rows
                  if r["optimizer"] == "adam(tuned)"}
-    lines += ["", "| optimizer | tasks | IQM speedup | median | min | diverged | "
+    lines += ["", "| optimizer | tasks | IQM speedup | median | min | >= 1x | diverged | "
                   "valid <= adam(lr tuned on train loss) | valid <= adam(lr tuned on valid loss) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for opt in dict.fromkeys(r["optimizer"] for r in rows):
+              "|---|---|---|---|---|---|---|---|---|"]
+    opts = list(dict.fromkeys(r["optimizer"] for r in rows))
+    for opt in opts:
         rs = [r for r in rows if r["optimizer"] == opt]
         sp = sorted(r["speedup"] for r in rs)
-        med = sp[len(sp) // 2] if len(sp) % 2 else 0.5 * (sp[len(sp) // 2 - 1] + sp[len(sp) // 2])
         ok_t = sum(r["valid_at_S"] <= ref_train[(r["problem"], r["seed"])] for r in rs)
         ok_v = sum(r["valid_at_S"] <= r["adam_valid_at_S"] for r in rs)
-        lines.append(f"| {opt} | {len(rs)} | {iqm(sp):.3f} | {med:.3f} | {sp[0]:.3f} | "
-                     f"{sum(bool(r['diverged']) for r in rs)} | {ok_t}/{len(rs)} | {ok_v}/{len(rs)} |")
+        lines.append(f"| {opt} | {len(rs)} | {iqm(sp):.3f} | {_median(sp):.3f} | {sp[0]:.3f} | "
+                     f"{sum(v >= 1.0 for v in sp)} | {sum(bool(r['diverged']) for r in rs)} | "
+                     f"{ok_t}/{len(rs)} | {ok_v}/{len(rs)} |")
+    others = [o for o in opts[1:] if o != "adam(tuned)"]
+    if opts and others:
+        first = opts[0]
+        per = {}   # (optimizer, problem) -> mean speedup over its seeds
+        for r in rows:
+            per.setdefault((r["optimizer"], r["problem"]), []).append(r["speedup"])
+        mean = {k: sum(v) / len(v) for k, v in per.items()}
+        probs = list(dict.fromkeys(r["problem"] for r in rows if r["optimizer"] == first))
+        lines += ["", f"| {first} vs | problems | {first} faster | tied | {first} slower | "
+                      f"speedup ratio (median over problems) |", "|---|---|---|---|---|---|"]
+        for o in others:
+            both = [p for p in probs if (o, p) in mean]
+            a = [mean[(first, p)] for p in both]
+            b = [mean[(o, p)] for p in both]
+            ratios = [x / y for x, y in zip(a, b) if y > 0]
+            ratio = f"{_median(ratios):.2f}" if ratios else "-"
+            lines.append(f"| {o} | {len(both)} | {sum(x > y for x, y in zip(a, b))} | "
+                         f"{sum(x == y for x, y in zip(a, b))} | "
+                         f"{sum(x < y for x, y in zip(a, b))} | {ratio} |")
     return "\n".join(lines)
+
+
+def _grid(n: int):
+    """(rows, cols) for n panels with as few empty cells as possible (none when n <= 5)."""
+    if n <= 5:
+        return 1, max(n, 1)
+    cols = min((5, 4, 3), key=lambda c: ((-n) % c, -c))
+    return -(-n // cols), cols
 
 
 def _plot_suite_curves(curve_rows: List[Dict], S: int, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
-    from metaopt.viz.plots import plot_loss_curves
+    from metaopt.viz.plots import figure_legend, plot_loss_curves
     keys = list(dict.fromkeys((r["problem"], r["seed"]) for r in curve_rows))
-    cols = 4
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols,
-                             figsize=(3.2 * cols, 2.6 * ((len(keys) + cols - 1) // cols)),
-                             squeeze=False)
+    nrows, cols = _grid(len(keys))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+    seeds = {s for _, s in keys}
     for ax, (prob, seed) in zip(axes.flat, keys):
         sel = [r for r in curve_rows if r["problem"] == prob and r["seed"] == seed]
         curves, steps = {}, None
@@ -283,12 +352,19 @@ def _plot_suite_curves(curve_rows: List[Dict], S: int, path: Path) -> None:
             curves[opt] = [p[1] for p in pts]
         n = len(steps)
         plot_loss_curves({k: np.array(v[:n], dtype=float) for k, v in curves.items()}, steps,
-                         ax=ax, ylabel="train loss (running min)", title=f"{prob}")
-        ax.title.set_fontsize(8)
+                         ax=ax, ylabel="train loss (running min)", legend=False,
+                         title=prob if len(seeds) == 1 else f"{prob} (seed {seed})")
+        for line in ax.get_lines():   # tuned Adam lies on the envelope: dashed, on top
+            if line.get_label().startswith("adam(tuned)"):
+                line.set_linestyle("--")
+                line.set_zorder(5)
     for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
+        ax.set_visible(False)
+    for ax in axes[:, 1:].flat:
+        ax.set_ylabel("")
+    figure_legend(fig, axes.flat[0])
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -27,9 +27,28 @@ PathLike = Union[str, Path]
 def _finish(fig, path: Optional[PathLike]):
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        # "tight" keeps the legends that sit outside the axes (they never cover data)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
     return fig
+
+
+def legend_outside(ax, **kw):
+    """The axes' legend to the right of its data, outside the axes, so it covers no curve."""
+    if not ax.get_legend_handles_labels()[0]:
+        return None
+    kw = {"fontsize": 8, "loc": "upper left", "bbox_to_anchor": (1.01, 1.0),
+          "borderaxespad": 0.0, "frameon": False, **kw}
+    return ax.legend(**kw)
+
+
+def figure_legend(fig, ax, ncol: Optional[int] = None):
+    """One legend for all panels (from ``ax``'s lines), centered below them."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    return fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                      ncol=ncol or min(len(labels), 4), frameon=False, fontsize=9)
 
 
 def _band(ax, steps, arr, label, band: str = "minmax", lw: float = 1.5, color=None):
@@ -70,9 +89,11 @@ class _quiet:
 def plot_loss_curves(curves: Mapping[str, np.ndarray], steps: Optional[Sequence[float]] = None,
                      path: Optional[PathLike] = None, ax=None, ylabel: str = "validation loss",
                      xlabel: str = "step", logy: bool = True, band: str = "minmax",
-                     title: Optional[str] = None, highlight: Sequence[str] = ("learned",)):
+                     title: Optional[str] = None, highlight: Sequence[str] = ("learned",),
+                     legend: bool = True):
     """``curves``: optimizer name -> array [seeds, steps] (NaN where a run stopped, e.g.
-    diverged). Mean line, shaded min..max over seeds (``band="std"``: +-1 std)."""
+    diverged). Mean line, shaded min..max over seeds (``band="std"``: +-1 std). The legend sits
+    outside the axes (``legend=False``: none, e.g. for one figure legend over several panels)."""
     if not curves:
         raise ValueError("curves: empty (need at least one optimizer)")
     arrays = {k: np.atleast_2d(np.asarray(v, dtype=float)) for k, v in curves.items()}
@@ -94,7 +115,8 @@ def plot_loss_curves(curves: Mapping[str, np.ndarray], steps: Optional[Sequence[
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=7)
+    if legend:
+        legend_outside(ax)
     # on a caller's axes, layout is the caller's business (one tight_layout per panel is slow)
     return _finish(ax.figure, path) if own or path is not None else ax.figure
 
@@ -127,7 +149,8 @@ def plot_eval_curves(curves: List[Dict], path) -> Path:
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.8), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         steps, arrays = curves_from_rows(curves, fam)
-        plot_loss_curves(arrays, steps, ax=ax, title=f"held-out {fam}")
+        plot_loss_curves(arrays, steps, ax=ax, title=f"held-out {fam}", legend=False)
+    figure_legend(fig, axes[0][0])
     _finish(fig, path)
     return Path(path)
 
@@ -177,7 +200,7 @@ def plot_speedups(rows: Iterable, path: Optional[PathLike] = None, task_key: str
     ax.set_ylabel("task")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     return _finish(fig, path)
 
 
@@ -211,7 +234,7 @@ def plot_lr_schedule(log_lr, names: Optional[Sequence[str]] = None, ax=None, tit
     ax.set_ylabel("learned learning rate")
     ax.set_yscale("log")
     ax.set_title(title or "learned per-layer learning-rate schedule")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     if path is not None:
         _finish(ax.figure, path)
     return ax
@@ -235,7 +258,7 @@ def plot_effective_step_sizes(log: StepLog, path: Optional[PathLike] = None,
             ax.set_yscale("log")
     axes[0].set_title("effective learning rate per tensor")
     axes[1].set_title("relative step size per tensor")
-    axes[1].legend(fontsize=7)
+    legend_outside(axes[1])
     if title:
         fig.suptitle(title)
     return _finish(fig, path)
@@ -310,7 +333,6 @@ def plot_sweep(sweep: Union[PathLike, Sequence[SweepRun]], path: Optional[PathLi
         axes[0].plot(r.column(x), r.column("meta_loss"), label=r.label, lw=1.3)
     axes[0].set_xlabel(xlabels[x])
     axes[0].set_ylabel("meta-loss")
-    axes[0].legend(fontsize=7)
     axes[0].set_title("meta-training")
     pos = np.arange(len(runs))
     axes[1].bar(pos, [r.final_meta_loss for r in runs], color=[f"C{i}" for i in range(len(runs))])
@@ -319,6 +341,7 @@ def plot_sweep(sweep: Union[PathLike, Sequence[SweepRun]], path: Optional[PathLi
     axes[1].set_xlabel("run")
     if heldout:
         plot_heldout({r.label: heldout[r.label] for r in runs if r.label in heldout}, ax=axes[2])
+    figure_legend(fig, axes[0], ncol=min(len(runs), 3))
     if title:
         fig.suptitle(title)
     return _finish(fig, path)
@@ -338,7 +361,7 @@ def plot_heldout(heldout: Mapping[str, Tuple[float, float]], path: Optional[Path
     ax.set_xticks(p, labels, rotation=20, fontsize=7, ha="right")
     ax.set_ylabel("held-out validation loss")
     ax.set_xlabel("run")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     return _finish(ax.figure, path)
 
 
@@ -384,6 +407,6 @@ def plot_response_surface(surface: ResponseSurface, path: Optional[PathLike] = N
         ax.set_title(f"after {int(t)} step{'s' if t != 1 else ''}", fontsize=9)
         ax.set_xlabel("gradient")
     axes[0][0].set_ylabel("update (change of the parameter)")
-    axes[0][-1].legend(fontsize=7)
+    legend_outside(axes[0][-1])
     fig.suptitle(title or f"response of rule {s.rule!r}")
     return _finish(fig, path)
