@@ -18,7 +18,9 @@ from metaopt.tasks.quadratic import QuadraticFamily, QuadraticTask
 from metaopt.tasks.autoencoder import AutoencoderTask, DigitsAEFamily
 from metaopt.tasks.rnn import GRULMTask
 from metaopt.tasks.mixture import MixtureFamily, ReparamTask
-from metaopt.tasks.suite import HELDOUT, SuiteFamily
+from metaopt.tasks.final import FINAL
+from metaopt.tasks.suite import (DESIGN, HELDOUT, SUITE_SETS, SuiteFamily, suite_problems,
+                                   suite_set_of)
 from metaopt.tasks.retrieval import AssocRetrievalFamily, RetrievalTask
 from metaopt.tasks.synthetic import (MatFacFamily, MatFacTask, RawFeaturesFamily, RegressionFamily,
                                      ResMLPFamily, ResMLPTask, VAEFamily, VAETask)
@@ -76,5 +78,6 @@ __all__ = [
     "CharLMModule", "CharLMTask", "CharLMFamily", "FAMILIES", "family_options", "make_family",
     "AutoencoderTask", "DigitsAEFamily", "GRULMTask", "MixtureFamily", "ReparamTask", "HELDOUT",
     "SuiteFamily", "RegressionFamily", "RawFeaturesFamily", "VAEFamily", "VAETask", "MatFacFamily",
-    "MatFacTask", "ResMLPFamily", "ResMLPTask",
+    "MatFacTask", "ResMLPFamily", "ResMLPTask", "DESIGN", "FINAL", "SUITE_SETS", "suite_problems",
+    "suite_set_of",
 ]

@@ -1,11 +1,21 @@
 """The held-out evaluation suite: problems that are never in the meta-training mixture.
 
-Each differs from every meta-training family in data, architecture or loss (see ``HELDOUT``'s
-comments; the training mixture is digits MLPs of width 16-128 and depth 1-3 with/without
-LayerNorm, digits conv nets with 8-16 channels, digits MSE autoencoders, logistic regression on
-breast cancer, quadratics and a tiny char-level transformer). ``make_family("suite",
-problem=name)`` gives one problem as a family: the architecture is fixed, a seed draws the
-initialization (and the minibatch stream).
+It has two halves, both different from every meta-training family in data, architecture or
+loss (the training mixture is digits MLPs of width 16-128 and depth 1-3 with/without LayerNorm,
+digits conv nets with 8-16 channels, digits MSE autoencoders, logistic regression on breast
+cancer, quadratics, a tiny char-level transformer, and the procedural families of
+:mod:`metaopt.tasks.synthetic`):
+
+* ``design`` (:data:`HELDOUT`, here; ``DESIGN`` is the same dict): the problems design decisions
+  are judged on. Having been looked at many times, its numbers are optimistic for whatever was
+  chosen on them.
+* ``final`` (:data:`metaopt.tasks.final.FINAL`): evaluated only for the final report and never
+  used to choose anything, so its numbers stay an unbiased test. Its problems also differ from
+  every design problem.
+
+``make_family("suite", problem=name)`` gives one problem of either half as a family (the names
+are disjoint): the architecture is fixed, a seed draws the initialization (and the minibatch
+stream). :data:`SUITE_SETS` maps ``"design"``/``"final"`` to the two dicts.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ from metaopt.tasks.autoencoder import AutoencoderTask, reconstruction_dataset
 from metaopt.tasks.base import SequenceDataset, Task, TaskFamily
 from metaopt.tasks.conv import ConvTask
 from metaopt.tasks.data import CharVocab, _resolve_dtype, load_sklearn, load_text, make_dataset
+from metaopt.tasks.final import FINAL
 from metaopt.tasks.mlp import MLPTask
 from metaopt.tasks.rnn import GRULMTask
 
@@ -63,21 +74,44 @@ HELDOUT: Dict[str, Callable[[torch.dtype], Task]] = {
 }
 
 
+DESIGN = HELDOUT
+
+#: the two halves of the held-out suite (see the module docstring)
+SUITE_SETS: Dict[str, Dict[str, Callable[[torch.dtype], Task]]] = {"design": HELDOUT,
+                                                                  "final": FINAL}
+
+
+def suite_problems(suite_set: str = "design") -> Dict[str, Callable[[torch.dtype], Task]]:
+    """The problems (name -> builder) of one half: ``design`` or ``final``."""
+    if suite_set not in SUITE_SETS:
+        raise ValueError(f"Invalid suite set: {suite_set!r} (use one of {', '.join(SUITE_SETS)})")
+    return SUITE_SETS[suite_set]
+
+
+def suite_set_of(problem: str) -> str:
+    """Which half ``problem`` belongs to (``ValueError`` naming all problems if neither)."""
+    for name, problems in SUITE_SETS.items():
+        if problem in problems:
+            return name
+    known = "; ".join(f"{k}: {', '.join(v)}" for k, v in SUITE_SETS.items())
+    raise ValueError(f"Invalid problem: {problem!r} (known: {known})")
+
+
 class SuiteFamily(TaskFamily):
-    """One held-out problem (``problem``: a key of ``HELDOUT``) as a family over init seeds."""
+    """One held-out problem (``problem``: a key of ``HELDOUT`` or of ``FINAL``) as a family over
+    init seeds."""
 
     name = "suite"
 
     def __init__(self, problem: str = "wine_mlp", dtype=torch.float32):
-        if problem not in HELDOUT:
-            raise ValueError(f"Invalid problem: {problem!r} (known: {', '.join(HELDOUT)})")
+        self.suite_set = suite_set_of(problem)
         self.problem = problem
         self.dtype = _resolve_dtype(dtype)
         self._task = None
 
     def sample(self, generator: torch.Generator) -> Task:
         if self._task is None:   # the architecture and data are fixed; the seed draws the init
-            self._task = HELDOUT[self.problem](self.dtype)
+            self._task = SUITE_SETS[self.suite_set][self.problem](self.dtype)
         return self._task
 
     def config(self):
