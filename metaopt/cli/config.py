@@ -311,9 +311,9 @@ class EvalConf:
     dtype: str = "float32"
 
 
-def _heldout_problems():
-    from metaopt.tasks.suite import HELDOUT
-    return list(HELDOUT)
+def _default_peers():
+    from metaopt.meta.peers import DEFAULT_PEERS
+    return list(DEFAULT_PEERS)
 
 
 @dataclass
@@ -322,11 +322,15 @@ class SpeedupConf:
     steps: int = 1000                  # S: the optimizer's step budget
     k: int = 4                         # Adam runs k * S steps (the envelope's horizon)
     adam_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    problems: List[str] = field(default_factory=_heldout_problems)
+    set: str = "design"                # design: the half decisions are made on; final: the report's
+    problems: Optional[List[str]] = None   # problems of `set` to run; null = all of them
     seeds: List[int] = field(default_factory=lambda: [0])
     eval_every: int = 10
     eval_examples: int = 1024
     cache_dir: Optional[str] = "runs/adam_cache"   # Adam reference runs (JSON); null = no cache
+    # untuned optimizers at their documented defaults (metaopt/meta/peers.py), run on the same
+    # problems and seeds; [] = none
+    peers: List[str] = field(default_factory=_default_peers)
 
 
 def register_configs() -> None:
