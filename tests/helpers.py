@@ -1,4 +1,6 @@
-"""Tiny tasks for engine tests (independent of the bundled-data families)."""
+"""Tiny tasks for engine tests (independent of the bundled-data families), and the skip for
+tests that need an optional extra."""
+import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -38,3 +40,11 @@ class TinyFamily(TaskFamily):
         module = TinyClassifier(hidden=hidden).to(self.dtype)
         return Task("tiny", module, tiny_data(seed, dtype=self.dtype), batch_size=self.batch_size,
                     structure=(hidden,))
+
+
+def needs_extra_for(scheme_name: str) -> None:
+    """Skip the calling test when ``scheme_name`` needs an optional extra that is not installed
+    (the continuous scheme: torchdiffeq, the ``ode`` extra; CI installs every extra)."""
+    if scheme_name == "continuous":
+        pytest.importorskip("torchdiffeq", reason="the continuous scheme needs the ode extra "
+                                                  "(pip install -e '.[ode]')")

@@ -19,5 +19,9 @@ def test_bench_core_meta_gradients_agree():
     bench = load_bench()
     d = bench.gradient_diffs(tasks=2, steps=3, width=8, depth=1, batch_size=8)
     assert d["max_abs_grad"] > 1e-6, "meta-gradient vanished; the comparison would be vacuous"
+    # three libraries, one float64 computation: equal to rounding (measured 1e-18 on gradients
+    # of 4e-3), so the bound is relative to the gradient's size
     for impl in ("higher", "torchopt", "metaopt_loop"):
-        assert d[impl] < 1e-4, f"{impl} differs from metaopt's vmapped meta-gradient by {d[impl]:.3e}"
+        assert d[impl] <= 1e-12 * d["max_abs_grad"], (
+            f"{impl} differs from metaopt's vmapped meta-gradient by {d[impl]:.3e} "
+            f"(max |grad| {d['max_abs_grad']:.3e})")

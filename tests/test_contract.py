@@ -33,7 +33,7 @@ from metaopt.optim import LearnedOptimizer
 from metaopt.rules import RULES, Rule, make_rule, register_rule
 from metaopt.types import FlatSpec
 from metaopt.tasks.base import ArrayDataset, Task, TaskFamily
-from tests.helpers import TinyClassifier
+from tests.helpers import TinyClassifier, needs_extra_for
 
 
 @register_rule
@@ -223,6 +223,7 @@ def test_learned_optimizer_state_dict_round_trip(name):
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_meta_gradient_matches_finite_differences(name, scheme_name):
     """Directional derivative of the mean window meta-loss, float64, central differences."""
+    needs_extra_for(scheme_name)
     rule = RULES[name]()
     scheme = make_scheme(scheme_name, **DETERMINISTIC[scheme_name])
     theta = _theta(rule)
@@ -266,6 +267,7 @@ def test_perturbation_estimators_run_every_rule(name, scheme_name):
 def test_every_meta_loss_in_every_scheme(scheme_name, meta_loss):
     """Deterministic schemes: the meta-gradient of each meta-loss matches finite differences;
     ES/PES: their slot's own run scores the window exactly as nested does."""
+    needs_extra_for(scheme_name)
     rule = make_rule("sgd", lr=0.2, momentum=0.5)
     theta = _theta(rule)
     kw = {**DETERMINISTIC, **STOCHASTIC}[scheme_name]

@@ -4,6 +4,7 @@ the continuous adjoint with valid_last (lazy training batches, last validation b
 the meta-gradient of the stored-window path."""
 import copy
 
+import pytest
 import torch
 
 from metaopt.meta import engine
@@ -12,6 +13,7 @@ from metaopt.meta.engine import LazyWindow, sample_window, stack_group
 from metaopt.meta.slots import new_slot
 from metaopt.rules import make_rule
 from metaopt.tasks import make_family
+from tests.helpers import needs_extra_for
 
 FAM = make_family("digits_mlp", widths=[8], depths=[1], activations=["relu"], batch_sizes=[4],
                   dtype=torch.float64)
@@ -42,6 +44,7 @@ def test_lazy_window_matches_the_stored_window():
 
 
 def test_continuous_adjoint_valid_last_lazy_equals_stored(monkeypatch):
+    needs_extra_for("continuous")
     rule = make_rule("sgd", lr=0.2, momentum=0.5)
     theta = {k: v.double().requires_grad_(True) for k, v in rule.init_theta(None).items()}
     sch = Continuous(window=6, method="rk4", gradient="adjoint", substeps=2, store_every=6)
@@ -53,4 +56,5 @@ def test_continuous_adjoint_valid_last_lazy_equals_stored(monkeypatch):
     for k in theta:
         torch.testing.assert_close(lazy.grads[k], stored.grads[k], rtol=1e-12, atol=1e-14)
         assert float(lazy.grads[k].abs().max()) > 0
-    assert lazy.meta_losses == stored.meta_losses
+    # the lazy and stored windows feed the solver by different code: equal to float64 rounding
+    assert lazy.meta_losses == pytest.approx(stored.meta_losses, rel=1e-12, abs=0)

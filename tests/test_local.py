@@ -17,6 +17,7 @@ from metaopt.rules import make_rule
 from metaopt.tasks import make_family
 from metaopt.tasks.local import LocalFamily, LocalTask, SequentialModule
 from metaopt.types import FlatSpec
+from tests.helpers import needs_extra_for
 
 D = torch.float64
 
@@ -265,11 +266,15 @@ def test_mixed_meta_is_the_blend():
                                    0.75 * grads["global"][k] + 0.25 * grads["local"][k])
 
 
+def test_continuous_scheme_rejects_local_meta_losses():
+    needs_extra_for("continuous")
+    with pytest.raises(ValueError, match=r"local.meta='mixed' is not supported by scheme='continuous'"):
+        LocalMeta(make_scheme("continuous"), "mixed")
+
+
 def test_one_line_errors():
     with pytest.raises(ValueError, match=r"local.meta='local' is not supported by scheme='es'"):
         LocalMeta(make_scheme("es"), "local")
-    with pytest.raises(ValueError, match=r"local.meta='mixed' is not supported by scheme='continuous'"):
-        LocalMeta(make_scheme("continuous"), "mixed")
     LocalMeta(make_scheme("es"), "global")  # the end loss works with any scheme
     fam = LocalFamily(mlp_family(depth=2), inner="local")
     rule = make_rule("sgd")  # one meta-parameter: interleaved mode=auto picks forward mode

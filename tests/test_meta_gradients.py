@@ -74,9 +74,12 @@ def test_vmap_meta_batch_equals_loop(name, kwargs):
         out = scheme.meta_gradient(rule, theta, make_slots(rule, 4), "valid_mean")
         grads.append(out)
     a, b = grads
+    # vmapped vs per-slot kernels: the same float64 computation up to rounding (the contract
+    # tests use the same 1e-9)
+    assert max(float(v.abs().max()) for v in a.grads.values()) > 1e-6, "vacuous: no gradient"
     for k in theta:
-        torch.testing.assert_close(a.grads[k], b.grads[k], rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(a.grads[k], b.grads[k], rtol=1e-9, atol=1e-12)
     for pa, pb in zip(a.params, b.params):
         for k in pa:
-            torch.testing.assert_close(pa[k], pb[k], rtol=1e-7, atol=1e-10)
-    assert a.meta_losses == pytest.approx(b.meta_losses, rel=1e-9)
+            torch.testing.assert_close(pa[k], pb[k], rtol=1e-12, atol=1e-14)
+    assert a.meta_losses == pytest.approx(b.meta_losses, rel=1e-12)
