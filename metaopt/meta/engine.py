@@ -229,6 +229,7 @@ def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
     batch, valid) -> (params, state, loss, score)``, compiled by ``torch.compile`` (inductor, C++
     on CPU) once per (rule config, task signature, meta-loss) and cached; the eager step, with
     one log line saying why, when no C++ compiler is present or compilation fails.
+    ``step.ran_compiled()`` tells which: True once a call has run the compiled graph.
 
     One task at a time, not the vmapped group: under ``torch.func.vmap`` inside a compiled region
     this torch's inductor miscomputes ``index_add`` (found with the ``mlp`` rule's former
@@ -239,6 +240,7 @@ def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
     if key in _COMPILED:
         return _COMPILED[key]
     eager = _eager_step(rule, task.apply, meta_loss)
+    eager.ran_compiled = lambda: False
     if not compiler_available():
         log.warning("metaopt: compile requested but no C++ compiler found; running eager")
         _COMPILED[key] = eager
@@ -272,6 +274,7 @@ def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             state["ok"] = False
             return eager(*args)
+    step.ran_compiled = lambda: state["ok"] is True  # False before a call and after a fallback
     _COMPILED[key] = step
     return step
 
