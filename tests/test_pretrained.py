@@ -90,16 +90,35 @@ def test_readme_example_runs():
     assert float(ns["loss"].detach()) < 1.0
 
 
+#: outer steps of the recorded run the slow tier reproduces (~1.5 s each on 2 cores)
+REPRO_STEPS = 20
+#: the first steps agree to float32 rounding (measured <= 3e-7 relative through step 6; the
+#: recording was made on another machine and commit); after that the run's sensitivity to
+#: rounding amplifies the differences about 2x per step (measured 1e-5 at step 9, 1.5e-3 at 20)
+EXACT_STEPS = 6
+
+
 @pytest.mark.slow
 def test_shipped_recipe_reproduces_the_recorded_run(tmp_path):
-    """The documented command (conf/shipped.yaml) still produces the recorded run of the shipped
-    default: its first outer steps match benchmarks/results/shipped_default_metrics.csv exactly."""
-    r = subprocess.run([sys.executable, "-m", "metaopt.cli.train", "--config-name=shipped",
-                        "meta.outer_steps=2", f"hydra.run.dir={tmp_path}"],
+    """The documented command (conf/shipped_pertensor.yaml, the recipe of the pertensor default)
+    still produces the recorded run, benchmarks/results/shipped_default_metrics.csv: the same
+    inner steps and skipped steps at every outer step, every logged value to float32 rounding
+    over the first EXACT_STEPS outer steps, and the meta-loss curve within 1% (each step) and
+    0.1% (its mean) over REPRO_STEPS."""
+    r = subprocess.run([sys.executable, "-m", "metaopt.cli.train", "--config-name=shipped_pertensor",
+                        f"meta.outer_steps={REPRO_STEPS}", f"hydra.run.dir={tmp_path}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    want = list(csv.DictReader(open(ROOT / "benchmarks/results/shipped_default_metrics.csv")))[:2]
-    for g, w in zip(got, want):
-        for k in ("meta_loss", "train_loss", "grad_norm", "inner_steps"):
-            assert float(g[k]) == pytest.approx(float(w[k]), rel=1e-6, abs=1e-9), (k, g, w)
+    want = list(csv.DictReader(open(ROOT / "benchmarks/results/shipped_default_metrics.csv")))
+    assert len(got) == REPRO_STEPS and len(want) >= REPRO_STEPS, (len(got), len(want))
+    want = want[:REPRO_STEPS]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert int(g["outer_step"]) == int(w["outer_step"]) == i + 1
+        assert int(g["inner_steps"]) == int(w["inner_steps"]) and g["nonfinite"] == w["nonfinite"], (g, w)
+        keys = ("meta_loss", "train_loss", "grad_norm") if i < EXACT_STEPS else ("meta_loss",)
+        rel = 1e-5 if i < EXACT_STEPS else 1e-2
+        for k in keys:
+            assert float(g[k]) == pytest.approx(float(w[k]), rel=rel), (k, g, w)
+    mean = lambda rows: sum(float(x["meta_loss"]) for x in rows) / len(rows)
+    assert mean(got) == pytest.approx(mean(want), rel=1e-3)
