@@ -33,6 +33,29 @@ def _run(model, opt, steps=20):
     return losses
 
 
+def test_per_group_lr_matches_torch_adam_param_groups():
+    """Two param groups at different ``lr``: each group's update is the rule's times its lr, so
+    rule adam(lr=1e-2) with group lrs 1.0 and 0.3 is torch.optim.Adam with groups at 1e-2 and
+    3e-3 (and swapping the lrs gives a different run)."""
+    runs = {}
+    for lrs in ((1.0, 0.3), (0.3, 1.0)):
+        m1, m2 = _model(), _model()
+        opt = LearnedOptimizer([{"params": m1[0].parameters(), "lr": lrs[0]},
+                                {"params": m1[2].parameters(), "lr": lrs[1]}],
+                               rule=make_rule("adam", lr=1e-2))
+        base = float(torch.exp(opt.theta["log_lr"]))  # the rule's 1e-2, rounded to float32
+        assert base == pytest.approx(1e-2, rel=1e-6)
+        ref = torch.optim.Adam([{"params": m2[0].parameters(), "lr": base * lrs[0]},
+                                {"params": m2[2].parameters(), "lr": base * lrs[1]}])
+        _run(m1, opt)
+        _run(m2, ref)
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            # metaopt's rule vs torch's Adam kernels, float64: equal to rounding
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        runs[lrs] = [p.detach().clone() for p in m1.parameters()]
+    assert all(not torch.allclose(a, b) for a, b in zip(runs[(1.0, 0.3)], runs[(0.3, 1.0)]))
+
+
 @pytest.mark.parametrize("rule,kwargs,ref", [
     ("sgd", dict(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
     ("sgd", dict(lr=0.05, momentum=0.9, weight_decay=1e-3), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3)),

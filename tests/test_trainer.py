@@ -65,17 +65,29 @@ class PoisonFamily(TaskFamily):
 
 def test_nonfinite_inner_loss_is_skipped_counted_and_reset(tmp_path):
     tr = _trainer(tmp_path / "p", 12, family=PoisonFamily())
+    real_step, moves = tr.train_step, []
+
+    def step_and_record():  # theta before and after every outer step
+        before = tr.theta_detached()
+        row = real_step()
+        moves.append((row, before, tr.theta_detached()))
+        return row
+    tr.train_step = step_and_record
     tr.run()
     assert tr.nonfinite > 0
     for v in tr.theta.values():
         assert torch.isfinite(v).all()
     import csv
     rows = list(csv.DictReader(open(tmp_path / "p" / "metrics.csv")))
-    assert len(rows) == 12
+    assert len(rows) == 12 == len(moves)
     skipped = [r for r in rows if not math.isfinite(float(r["meta_loss"]))]
     assert skipped and all(r["grad_norm"] == "nan" for r in skipped)
-    # after a skipped step theta is exactly what it was before it
     assert int(rows[-1]["nonfinite"]) == tr.nonfinite
+    # after a skipped step theta is exactly what it was before it; a healthy step moves it
+    assert sum(not math.isfinite(row["grad_norm"]) for row, _, _ in moves) == len(skipped)
+    for row, before, after in moves:
+        same = all(torch.equal(before[k], after[k]) for k in before)
+        assert same == (not math.isfinite(row["grad_norm"])), (row["outer_step"], same)
 
 
 def test_spec_dependent_rule_rejects_mixed_architectures(tmp_path):
@@ -186,3 +198,34 @@ def test_optimizer_state_dict_survives_json_and_safetensors_exactly(tmp_path, ma
             p.grad = torch.full_like(p, -0.3)
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(ps, twins))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_clip_grad_rescales_the_meta_gradient_by_its_global_norm(tmp_path, clip):
+    """meta.clip_grad = c: the outer optimizer sees g * min(1, c / ||g||) (global L2 norm over
+    all of theta, computed here by hand); c = 0 hands g through unchanged; the logged grad_norm is
+    the norm before clipping."""
+    tr = _trainer(tmp_path, 3, clip_grad=clip)
+    raw, seen = [], []
+    real = tr.scheme.meta_gradient
+
+    def record(*a, **kw):
+        out = real(*a, **kw)
+        raw.append({k: v.detach().clone() for k, v in out.grads.items()})
+        return out
+    tr.scheme.meta_gradient = record
+    tr.opt.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({k: p.grad.clone() for k, p in tr.theta.items()}))
+    rows = [tr.train_step() for _ in range(3)]
+    assert len(raw) == len(seen) == 3
+    for g, s, row in zip(raw, seen, rows):
+        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in g.values()))
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-12)
+        if clip:
+            assert norm > 10 * clip, "clipping would be inactive: the test would be vacuous"
+        factor = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
+        for k in g:  # torch's clip_grad_norm_ vs this sum: the same scaling to float64 rounding
+            torch.testing.assert_close(s[k], g[k] * factor, rtol=1e-12, atol=1e-15)
+        if clip:
+            total = math.sqrt(sum(float((v ** 2).sum()) for v in s.values()))
+            assert total == pytest.approx(clip * norm / (norm + 1e-6), rel=1e-10)  # ~c
