@@ -11,17 +11,6 @@ PACKAGES = ["metaopt", "metaopt.tasks", "metaopt.rules", "metaopt.meta", "metaop
 ENTRY_MODULES = ["metaopt.cli.main", "metaopt.cli.train", "metaopt.cli.evaluate",
                  "metaopt.cli.report", "metaopt.fastweights.experiments", "metaopt.__main__"]
 
-# Names still waiting for a docstring of their own (each documented in its module's docstring
-# for now). This list may only shrink: a new public name without a docstring fails the test.
-PENDING = {
-    "metaopt.tasks": {"ConvModule", "CharLMModule", "AutoencoderTask", "GRULMTask", "ResMLPTask"},
-    "metaopt.rules": {"SGD", "Adam", "LayerwiseLR", "PerParameterLR", "MLPRule", "PerTensorRule",
-                      "AnchoredRule"},
-    "metaopt.meta": {"Scheme", "Nested", "Interleaved", "Continuous", "ES", "PES",
-                     "CheckpointError"},
-}
-
-
 def _own_doc(obj):
     doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
     return (doc or "").strip()
@@ -39,15 +28,7 @@ def _public(pkg):
 @pytest.mark.parametrize("pkg", PACKAGES)
 def test_public_names_have_docstrings(pkg):
     missing = sorted(n for n, obj in _public(pkg) if not _own_doc(obj))
-    pending = PENDING.get(pkg, set())
-    assert set(missing) <= pending, f"{pkg}: no docstring: {sorted(set(missing) - pending)}"
-
-
-@pytest.mark.parametrize("pkg", sorted(PENDING))
-def test_pending_list_only_holds_undocumented_names(pkg):
-    documented = {n for n, obj in _public(pkg) if _own_doc(obj)}
-    stale = PENDING[pkg] & documented
-    assert not stale, f"documented now, remove from PENDING: {sorted(stale)}"
+    assert not missing, f"{pkg}: no docstring: {missing}"
 
 
 def test_named_api_docstrings():

@@ -92,6 +92,8 @@ def torchdiffeq_module():
 
 @register_scheme
 class Continuous(Scheme):
+    """Continuous-time scheme: the inner flow integrated by an ODE solver (torchdiffeq),
+    gradients by the adjoint or by backprop."""
     name = "continuous"
 
     def __init__(self, window: int = 20, method: str = "euler", gradient: str = "adjoint",

@@ -187,6 +187,8 @@ class _Perturbed(Scheme):
 
 @register_scheme
 class ES(_Perturbed):
+    """Antithetic evolution strategies on each truncated window: a meta-gradient from loss
+    differences, no backprop through the unroll."""
     name = "es"
 
     def particles(self, slot, flat, e):
@@ -197,6 +199,8 @@ class ES(_Perturbed):
 
 @register_scheme
 class PES(_Perturbed):
+    """Persistent evolution strategies: ES whose perturbations accumulate over a slot's
+    windows, unbiased for the whole unroll."""
     name = "pes"
 
     def particles(self, slot, flat, e):

@@ -81,6 +81,8 @@ def theta_basis(theta: Params) -> Dict[str, torch.Tensor]:
 
 @register_scheme
 class Interleaved(Scheme):
+    """Online scheme: one inner step, then one outer step; the meta-gradient is carried
+    forward (forward mode) or taken one step deep."""
     name = "interleaved"
     window = 1
 

@@ -22,6 +22,8 @@ from metaopt.meta.unroll import UnrollOut, get_meta_loss
 
 @register_scheme
 class Nested(Scheme):
+    """Nested truncated backprop: each slot runs ``truncation`` inner steps, the window's
+    meta-loss is backpropagated to theta exactly."""
     name = "nested"
 
     def __init__(self, truncation: int = 20, use_vmap: bool = True, checkpoint: bool = False):

@@ -73,6 +73,8 @@ def _detached(o: UnrollOut) -> UnrollOut:
 
 
 class Scheme:
+    """Base class of the discretizations: :meth:`estimate` turns theta and the slots into a
+    meta-gradient and the slots advanced by one window."""
     name = "scheme"
     #: inner steps each slot advances per outer step
     window: int = 1

@@ -32,6 +32,8 @@ def adam_direction(g, m, v, step, b1, b2, eps):
 
 @register_rule
 class Adam(Rule):
+    """``torch.optim.Adam`` as a rule (torch's epsilon placement, L2 weight decay), with a
+    learnable ``log_lr``."""
     name = "adam"
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,

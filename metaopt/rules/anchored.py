@@ -70,6 +70,8 @@ def weight_decays(ctx, n: int, like: Tensor) -> Optional[Tensor]:
 
 @register_rule
 class AnchoredRule(PerTensorRule):
+    """The shipped default: :class:`PerTensorRule` with the step anchored to each tensor's
+    initial scale, a learned warm-up and decoupled weight decay (see the module docstring)."""
     name = "anchored"
     supports_weight_decay = True
 

@@ -28,7 +28,8 @@ PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint, state_dict or theta that does not fit (wrong format, rule, keys or
+    shapes); the message names the key."""
 
 
 def save_tensors(tensors: Dict[str, Tensor], path: Path) -> None:

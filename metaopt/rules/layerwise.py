@@ -26,6 +26,8 @@ from metaopt.types import FlatSpec
 
 @register_rule
 class LayerwiseLR(Rule):
+    """Learned per-layer, per-step learning rates (MAML++ LSLR): ``theta['log_lr']`` is
+    [num_steps, num_tensors]."""
     name = "layerwise_lr"
     spec_dependent = True
 
@@ -100,6 +102,8 @@ class LayerwiseLR(Rule):
 
 @register_rule
 class PerParameterLR(Rule):
+    """Learned per-coordinate learning rates (Meta-SGD): ``theta['log_lr']`` is one log rate
+    per coordinate."""
     name = "per_param_lr"
     spec_dependent = True
 

@@ -74,6 +74,8 @@ def _consts(spec: FlatSpec, dtype, device):
 
 @register_rule
 class MLPRule(Rule):
+    """learned_optimization's per-coordinate MLP optimizer: normalized per-coordinate
+    features in, ``direction * exp(magnitude * 1e-3) * 1e-3`` out."""
     name = "mlp"
     #: coordinates per window in ``step_``
     chunk_rows: int = 16384

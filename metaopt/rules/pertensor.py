@@ -71,6 +71,8 @@ def _is_vector(shape: Tuple[int, ...]) -> bool:
 
 @register_rule
 class PerTensorRule(Rule):
+    """Adam's direction scaled per tensor by a small learned controller, the step relative
+    to the weight's current RMS (see the module docstring)."""
     name = "pertensor"
 
     def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,

@@ -20,6 +20,8 @@ from metaopt.types import FlatSpec
 
 @register_rule
 class SGD(Rule):
+    """``torch.optim.SGD`` as a rule (momentum, dampening, Nesterov, L2 weight decay), with
+    a learnable ``log_lr``."""
     name = "sgd"
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,

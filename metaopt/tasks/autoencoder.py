@@ -24,6 +24,8 @@ def reconstruction_dataset(x: Tensor, seed: int = 0, name: str = "data") -> Arra
 
 
 class AutoencoderTask(MLPTask):
+    """An MLP autoencoder on any :class:`ArrayDataset` of inputs (targets = inputs);
+    ``loss``: ``mse`` or ``bce``."""
     def __init__(self, data: ArrayDataset, hidden: Sequence[int] = (32, 8, 32),
                  activation: str = "relu", batch_size: int = 64, init_scale: float = 1.0,
                  loss: str = "mse", name: str = "autoencoder", dtype=None):

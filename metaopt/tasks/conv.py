@@ -22,6 +22,8 @@ def _out_size(size: int, stride: int) -> int:
 
 
 class ConvModule(SupervisedModule):
+    """A small conv net classifier: ``conv3x3 -> act`` layers (later ones stride 2), then a
+    linear head; returns the supervised loss."""
     def __init__(self, in_shape: Sequence[int], channels: Sequence[int], out_dim: int,
                  activation: str = "relu", loss: str = "ce", l2: float = 0.0):
         super().__init__(loss, l2)

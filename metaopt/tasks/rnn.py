@@ -46,6 +46,8 @@ class GRULM(nn.Module):
 
 
 class GRULMTask(Task):
+    """A character-level GRU language model (gates written with ``nn.Linear``) on a
+    :class:`SequenceDataset`."""
     def __init__(self, data: SequenceDataset, vocab_size: int, embed: int = 32, hidden: int = 64,
                  batch_size: int = 16, init_scale: float = 1.0, name: str = "char_gru", dtype=None):
         if hidden < 1 or embed < 1:

@@ -395,6 +395,8 @@ class ResMLPModule(nn.Module):
 
 
 class ResMLPTask(Task):
+    """A pre-LN residual MLP classifier (:class:`ResMLPModule`) on any :class:`ArrayDataset`
+    with class labels."""
     def __init__(self, data: ArrayDataset, width: int = 32, depth: int = 2, num_classes: int = 10,
                  activation: str = "gelu", batch_size: int = 64, init_scale: float = 1.0,
                  name: str = "resmlp", dtype=torch.float32):
