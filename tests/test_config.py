@@ -1,6 +1,7 @@
 """Every config group composes; the CLIs run tiny jobs; bad values get one-line errors."""
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_every_train_group_option_composes_and_builds(group):
                 assert fam.sample_seeded(0) is not None
             elif group == "rule":
                 build_rule(cfg.rule)
+            elif group == "scheme" and opt == "continuous" and find_spec("torchdiffeq") is None:
+                with pytest.raises(ImportError, match=r"metaopt\[ode\]"):  # the optional extra
+                    build_scheme(cfg.scheme)
             elif group == "scheme":
                 build_scheme(cfg.scheme)
             else:
