@@ -23,6 +23,13 @@ SMALL = {
                     reparam_prob=1.0, reparam_range=[0.5, 2.0]),
     "suite": dict(problem="digits_linear"),
     "assoc_retrieval": dict(num_pairs=1, num_examples=1300, hidden=8, embed=8, batch_sizes=32),
+    "regression": dict(in_dims=2, widths=16, depths=1, activations="tanh", noise=0.0,
+                       batch_sizes=32),
+    "raw_features": dict(in_dims=8, hidden=0, losses="ce", feature_scales=[0.5, 2.0],
+                         batch_sizes=32),
+    "vae": dict(dims=8, hidden=16, latents=2, activations="tanh"),
+    "matfac": dict(users=32, items=24, ranks=2, dims=4, l2=0.0, batch_sizes=64),
+    "resmlp": dict(widths=16, depths=2, activations="gelu", batch_sizes=32),
 }
 # (steps, learning rate) of plain gradient descent that must lower the valid loss clearly.
 GD = {
@@ -35,6 +42,11 @@ GD = {
     "mixture": (150, 0.1),
     "suite": (150, 0.5),
     "assoc_retrieval": (150, 0.5),
+    "regression": (200, 0.3),
+    "raw_features": (150, 0.5),
+    "vae": (200, 0.02),
+    "matfac": (300, 1.0),
+    "resmlp": (150, 0.3),
 }
 
 
@@ -66,7 +78,8 @@ def sgd(task, params, steps, lr, generator):
 
 def test_registry_names():
     assert set(FAMILIES) == {"quadratic", "logreg_cancer", "digits_mlp", "digits_conv", "char_lm",
-                             "digits_ae", "mixture", "suite", "assoc_retrieval"}
+                             "digits_ae", "mixture", "suite", "assoc_retrieval", "regression",
+                             "raw_features", "vae", "matfac", "resmlp"}
     assert set(SMALL) == set(FAMILIES)
 
 
@@ -197,7 +210,7 @@ def test_vmap_matches_loop(name, stats):
     loss, act = out
     torch.testing.assert_close(loss, torch.stack([r[0] for r in ref]), atol=1e-6, rtol=1e-6)
     assert set(act) == set(ref[0][1])
-    if name != "quadratic":
+    if name not in ("quadratic", "matfac"):  # matfac's embeddings are raw Parameters, no layers
         assert act  # every weight of a Linear/Conv/Embedding layer has statistics
     for k in act:
         torch.testing.assert_close(act[k], torch.stack([r[1][k] for r in ref]), atol=1e-6, rtol=1e-6)
