@@ -8,7 +8,8 @@ What it computes, per parameter tensor ``i`` at step ``t`` (all tensors at once)
                                                                   share of the fresh gradient)
     p  <- p - lr_i * d
     lr_i = exp(log_lr_k + a_i) * scale_i                         k = matrix | vector
-    scale_i = RMS(p_i) + exp(log_floor_k) / sqrt(fan_in_i)       (relative to the weight's size)
+    scale_i = RMS(p_i) + exp(log_floor) / sqrt(fan_in_i)  (matrices: relative to the weight's size;
+              1 for vectors -- biases and norm gains -- whose rate is absolute)
 
 ``(a_i, c_i) = tanh-bounded outputs of a small MLP`` (hidden 32) applied to each tensor's feature
 vector -- the *per-tensor controller*. Its inputs are all scale-free, so the same theta serves any
