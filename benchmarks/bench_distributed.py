@@ -3,7 +3,7 @@
     python benchmarks/bench_distributed.py                      # 1 vs 2 processes, 30 outer steps
     python benchmarks/bench_distributed.py --procs 1 2 4 --steps 50 --meta-batch 16
 
-Every run is the same meta-training (``metaopt-train`` with the overrides below: the issue-11
+Every run is the same meta-training (``metaopt-train`` with the overrides below: the bench_peers
 problem, MLP 64-32-10 on digits, batch 64, the 32x2 per-parameter MLP rule, K slots x 20-step
 truncations of 500-step runs), launched with ``torchrun --nproc_per_node=N`` (N = 1 runs plain
 ``metaopt-train``). Throughput is read from the run's own metrics.csv (trainer wall time, the

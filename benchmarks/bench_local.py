@@ -14,7 +14,7 @@ Peak memory: one extra (untimed) call under ``torch.profiler.profile(profile_mem
 running sum of the per-op net CPU tensor allocations in event start order, its maximum (MB =
 2**20 bytes) -- the method of benchmarks/bench_schemes.py (tensor storage only; a transient
 inside one op is not resolved). CPU only. Times: wall clock without the profiler, median of ``--repeats`` after one warm-up.
-The goal (issue 10): local peak <= 1/2 of global at T=50, growing no faster than global's with T.
+The goal: local peak <= 1/2 of global at T=50, growing no faster than global's with T.
 """
 from __future__ import annotations
 

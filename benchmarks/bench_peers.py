@@ -1,7 +1,7 @@
 """Seconds per outer step of meta-training, metaopt vs google/learned_optimization (JAX), on the
 same problem. Run ``python benchmarks/bench_peers.py -h``.
 
-The problem (issue 11): meta-train a per-parameter MLP learned optimizer (hidden 32, 2 layers;
+The problem: meta-train a per-parameter MLP learned optimizer (hidden 32, 2 layers;
 metaopt's ``mlp`` rule, the peer's ``MLPLOpt``) on an MLP 64-32-10 (relu) classifying sklearn's
 8x8 digits, batch 64; 8 tasks (slots) x 20-step truncations of 500-step inner runs (random
 initial offsets); meta-loss = loss on a fresh validation batch after each inner step, averaged

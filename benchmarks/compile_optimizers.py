@@ -1,4 +1,4 @@
-"""Item 11 of issue 8: does a torch.compile'd training step work with each optimizer, and does it
+"""Does a torch.compile'd training step work with each optimizer, and does it
 match eager? Prints, per optimizer and dtype, the max |param_compiled - param_eager| after N
 steps (same init, same batches), and the same for torch.optim.Adam/SGD as controls, so a
 deviation can be attributed: if the control deviates as much, it is inductor's arithmetic

@@ -32,7 +32,7 @@ SCHEMES = {"metaopt.meta.nested", "metaopt.meta.interleaved", "metaopt.meta.cont
 
 # Known exceptions, each with its reason; a new one fails the test.
 PRIVATE_OK = {
-    # lead-owned (issue 7), named in issue 9 as to be made public; listed so that no new ones appear
+    # private names still imported across modules; listed so that no new ones appear
     ("metaopt.tasks.data", "_resolve_dtype"), ("metaopt.tasks.data", "_check_dataset_name"),
     ("metaopt.tasks.base", "_check_split"), ("metaopt.cli.evaluate", "_write_csv"),
 }

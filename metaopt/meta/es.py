@@ -59,7 +59,7 @@ inside another. Antithetic pairs (and the theta run) share their slot's batches.
 ``compile=True`` runs the ``K * R`` runs one after another through a ``torch.compile``d
 single-task inner step instead (:func:`metaopt.meta.engine.compiled_step`: compiled once per
 signature, eager with a warning when no C++ compiler is found); the same numbers up to float
-rounding. On the issue-11 problem (benchmarks/bench_peers.py) it was faster than the eager vmap
+rounding. On the bench_peers problem (benchmarks/bench_peers.py) it was faster than the eager vmap
 in one run of three and slower in the other two, and each new signature first pays its compile,
 so it is off by default.
 """
