@@ -42,8 +42,10 @@ def _unroll_loss(rule, task, theta, steps=6, seed=0):
     return total / steps
 
 
-def test_meta_gradient_matches_central_finite_differences():
-    rule = make_rule("anchored", hidden_size=8, lr_matrix=0.05, lr_vector=0.02, warmup=3.0)
+@pytest.mark.parametrize("max_relative", [0.0, 0.9])
+def test_meta_gradient_matches_central_finite_differences(max_relative):
+    rule = make_rule("anchored", hidden_size=8, lr_matrix=0.05, lr_vector=0.02, warmup=3.0,
+                     max_relative=max_relative)
     task = TinyFamily().sample_seeded(3)
     spec = FlatSpec.from_shapes(task.param_shapes())
     theta = {k: v.requires_grad_(True) for k, v in _theta(rule, spec).items()}
@@ -65,8 +67,9 @@ def test_meta_gradient_matches_central_finite_differences():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("decay", [False, True])
-def test_fast_path_equals_reference(dtype, decay):
-    rule = make_rule("anchored")
+@pytest.mark.parametrize("max_relative", [0.0, 0.9])
+def test_fast_path_equals_reference(dtype, decay, max_relative):
+    rule = make_rule("anchored", max_relative=max_relative)
     g = torch.Generator().manual_seed(0)
     shapes = {"c.weight": (4, 2, 3, 3), "a.weight": (7, 5), "a.bias": (7,), "n.weight": (7,),
               "b.weight": (3, 7)}
@@ -125,10 +128,11 @@ def test_fresh_rule_is_adam_with_anchored_rates_and_warmup():
         torch.testing.assert_close(p[k], ref[k], rtol=1e-12, atol=1e-14)
 
 
-def test_matrix_updates_are_invariant_to_weight_reparameterization():
-    """w = s w': the step on w' maps to the same step on w (anchor and Adam direction both
-    scale with s), up to the floor term, switched off here."""
-    rule = make_rule("anchored", floor=1e-30, eps=1e-30)
+@pytest.mark.parametrize("max_relative", [0.0, 0.9])
+def test_matrix_updates_are_invariant_to_weight_reparameterization(max_relative):
+    """w = s w': the step on w' maps to the same step on w (anchor, current scale and Adam
+    direction all scale with s), up to the floor term, switched off here."""
+    rule = make_rule("anchored", floor=1e-30, eps=1e-30, max_relative=max_relative)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64)
     theta = _theta(rule, FlatSpec.of({"w": w}))
@@ -143,9 +147,9 @@ def test_matrix_updates_are_invariant_to_weight_reparameterization():
     torch.testing.assert_close(s * p2["w"], p1["w"], rtol=1e-9, atol=1e-12)
 
 
-def _step_sizes(rule_name, steps=300):
+def _step_sizes(rule_name, steps=300, **kwargs):
     """RMS of each step on a matrix pushed by a constant gradient (its weights grow ~linearly)."""
-    rule = make_rule(rule_name)
+    rule = make_rule(rule_name, **kwargs)
     w = {"w": torch.full((8, 8), 0.1, dtype=torch.float64)}
     theta = rule.init_theta(FlatSpec.of(w), torch.Generator().manual_seed(0))
     state = rule.init(w)
@@ -164,6 +168,27 @@ def test_no_feedback_from_weight_growth_to_step_size():
     # the relative rule's step grows with the weight (the feedback this rule removes)
     rel_sizes, _ = _step_sizes("pertensor")
     assert rel_sizes[-1] > 5 * rel_sizes[100]
+
+
+def test_learned_relative_part_grows_the_step_sub_linearly():
+    """max_relative r: step ~ anchor^(1-r) * current^r (fresh theta: r = max_relative / 2), so
+    the step grows, but by less than the weight does -- growth stays polynomial."""
+    r = 0.9 * 0.5
+    sizes, _ = _step_sizes("anchored", steps=300, max_relative=0.9)
+    anchored, _ = _step_sizes("anchored", steps=300)
+    w = {"w": torch.full((8, 8), 0.1, dtype=torch.float64)}
+    rule = make_rule("anchored", max_relative=0.9)
+    theta = rule.init_theta(FlatSpec.of(w), torch.Generator().manual_seed(0))
+    state = rule.init(w)
+    rms, floor = [], math.exp(float(theta["log_floor"])) / math.sqrt(8)
+    for _ in range(300):
+        rms.append(float(w["w"].pow(2).mean().sqrt()))
+        u, state = rule.update(theta, {"w": -torch.ones(8, 8, dtype=torch.float64)}, state, w)
+        w = {"w": w["w"] + u["w"]}
+    for t in (100, 299):   # the measured step equals the formula's, relative to the anchored one
+        want = ((rms[t] + floor) / (0.1 + floor)) ** r
+        assert sizes[t] / anchored[t] == pytest.approx(want, rel=1e-9)
+    assert 1 < sizes[-1] / sizes[100] < rms[-1] / rms[100]
 
 
 def test_first_steps_are_warmed_up():

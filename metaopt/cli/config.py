@@ -200,6 +200,7 @@ class AnchoredRuleConf(PerTensorRuleConf):
     name: str = "anchored"
     max_log_mult: float = 2.0
     warmup: float = 5.0
+    max_relative: float = 0.0
 
 
 @dataclass

@@ -78,7 +78,7 @@ class AnchoredRule(PerTensorRule):
     def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
                  floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 2.0,
-                 warmup: float = 5.0):
+                 warmup: float = 5.0, max_relative: float = 0.0):
         super().__init__(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
                          floor=floor, beta1=beta1, beta2=beta2, eps=eps, time_taus=time_taus,
                          max_log_mult=max_log_mult)
@@ -86,9 +86,12 @@ class AnchoredRule(PerTensorRule):
         if not lo <= warmup <= hi:
             raise ValueError(f"Invalid warmup: {warmup} (must be in [{lo:g}, {hi:g}] steps)")
         self.warmup = float(warmup)
+        if not 0.0 <= max_relative < 1.0:
+            raise ValueError(f"Invalid max_relative: {max_relative} (must be in [0, 1))")
+        self.max_relative = float(max_relative)
 
     def config(self):
-        return {**super().config(), "warmup": self.warmup}
+        return {**super().config(), "warmup": self.warmup, "max_relative": self.max_relative}
 
     @property
     def num_inputs(self) -> int:
@@ -97,6 +100,11 @@ class AnchoredRule(PerTensorRule):
     def init_theta(self, spec=None, generator=None):
         theta = super().init_theta(spec, generator)
         theta["log_warmup"] = torch.tensor(math.log(self.warmup))
+        if self.max_relative:
+            # a third controller output sets the exponent of the relative part (see controller)
+            theta["w1"] = torch.zeros(self.hidden_size, 3)
+            theta["b1"] = torch.zeros(3)
+            theta["logit_relative"] = torch.tensor(0.0)
         return theta
 
     def init(self, params):
@@ -136,7 +144,14 @@ class AnchoredRule(PerTensorRule):
         a = self.max_log_mult * torch.tanh(out[:, 0] / self.max_log_mult)
         c = torch.tanh(out[:, 1])
         log_base = torch.where(is_vec > 0, th["log_lr_vector"], th["log_lr_matrix"])
-        anchor = torch.where(is_vec > 0, torch.ones_like(rms0), rms0 + floor)
+        anchor = rms0 + floor
+        if self.max_relative:
+            # anchor^(1 - r) * current^r with a learned r_i <= max_relative < 1: the step may follow
+            # the weight's growth, but sub-linearly (dw/dt ~ w^r grows polynomially, never
+            # exponentially), and the controller sees the growth to turn r down
+            r = self.max_relative * torch.sigmoid(th["logit_relative"] + out[:, 2])
+            anchor = anchor * torch.exp(r * torch.log((torch.sqrt(pp / n) + floor) / anchor))
+        anchor = torch.where(is_vec > 0, torch.ones_like(rms0), anchor)
         lo, hi = WARMUP_RANGE
         tau = torch.exp(th["log_warmup"].clamp(math.log(lo), math.log(hi)))
         warm = -torch.expm1(-step / tau)
