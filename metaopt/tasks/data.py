@@ -143,7 +143,8 @@ TEXT_MODULES = (
 )
 
 
-def _stdlib_source(module: str):
+def stdlib_source(module: str):
+    """The source text of a module of Python's standard library (read from disk, not imported)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     rel = module.replace(".", "/")
     for p in (root / f"{rel}.py", root / rel / "__init__.py"):
@@ -167,7 +168,7 @@ def _docstrings(source: str) -> Iterable[str]:
 
 def _zen() -> str:
     """The Zen of Python, decoded from ``this.py`` without importing it (import prints it)."""
-    src = _stdlib_source("this")
+    src = stdlib_source("this")
     if src is None:
         return ""
     for node in ast.parse(src).body:
@@ -176,7 +177,8 @@ def _zen() -> str:
     return ""
 
 
-def _to_ascii(text: str) -> str:
+def to_ascii(text: str) -> str:
+    """Tabs to four spaces, no carriage returns, any other non-printable or non-ASCII char to '?'."""
     text = text.replace("\t", "    ").replace("\r", "")
     return "".join(c if (" " <= c <= "~" or c == "\n") else "?" for c in text)
 
@@ -191,10 +193,10 @@ def load_text() -> str:
     """
     parts = [_zen()]
     for m in TEXT_MODULES:
-        src = _stdlib_source(m)
+        src = stdlib_source(m)
         if src is not None:
             parts.extend(_docstrings(src))
-    return _to_ascii("\n\n".join(p.strip() for p in parts if p.strip())) + "\n"
+    return to_ascii("\n\n".join(p.strip() for p in parts if p.strip())) + "\n"
 
 
 class CharVocab:

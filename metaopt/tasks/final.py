@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.tasks.base import ArrayDataset, SequenceDataset, Task
 from metaopt.tasks.charlm import CharLMTask
-from metaopt.tasks.data import (CharVocab, _resolve_dtype, _stdlib_source, _to_ascii,
+from metaopt.tasks.data import (CharVocab, _resolve_dtype, stdlib_source, to_ascii,
                                 load_sklearn, make_dataset, standardize_)
 from metaopt.tasks.mlp import ACTIVATIONS, MLPModule, MLPTask, SupervisedModule, SupervisedTask
 from metaopt.tasks.synthetic import VAETask
@@ -191,10 +191,10 @@ def load_code() -> str:
     reduced to printable ASCII plus newline (~0.4M characters)."""
     parts = []
     for m in CODE_MODULES:
-        src = _stdlib_source(m)
+        src = stdlib_source(m)
         if src is not None:
             parts.append(ast.unparse(_strip_docstrings(ast.parse(src))))
-    return _to_ascii("\n\n".join(parts)) + "\n"
+    return to_ascii("\n\n".join(parts)) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
