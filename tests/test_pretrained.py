@@ -21,10 +21,11 @@ ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
 
 
-def test_default_is_the_parameters_only_pertensor_rule():
-    rule, theta, _ = load_rule(PRETRAINED_DIR / "default")
-    assert rule.name == "pertensor" and not rule.needs_activations and not rule.needs_loss
-    files = list((PRETRAINED_DIR / "default").iterdir())
+@pytest.mark.parametrize("name,rule_name", [("default", "anchored"), ("pertensor", "pertensor")])
+def test_shipped_per_tensor_rules_need_parameters_only(name, rule_name):
+    rule, theta, _ = load_rule(PRETRAINED_DIR / name)
+    assert rule.name == rule_name and not rule.needs_activations and not rule.needs_loss
+    files = list((PRETRAINED_DIR / name).iterdir())
     assert sum(f.stat().st_size for f in files) < 16_000
     fresh = rule.init_theta(None, torch.Generator().manual_seed(0))
     assert any(not torch.equal(theta[k], fresh[k]) for k in ("w1", "log_lr_matrix"))  # trained
