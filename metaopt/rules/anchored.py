@@ -44,12 +44,12 @@ each tensor when the state was created).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from metaopt.rules.base import default_scales, flat_views, register_rule
+from metaopt.rules.base import default_scales, register_rule
 from metaopt.rules.pertensor import TINY, PerTensorRule
 from metaopt.types import FlatSpec, safe_sqrt
 
@@ -159,27 +159,12 @@ class AnchoredRule(PerTensorRule):
 
     # -- reference (differentiable, vmappable) path ------------------------------------------------
     def update(self, theta, grads, state, params, ctx=None):
-        spec = FlatSpec.of(params)
-        g, p = spec.flatten(grads), spec.flatten(params)
-        T = spec.num_tensors
-        seg = spec.segment_ids(g.device)
-        m_prev, v_prev = state["m"], state["v"]
-        step = state["step"] + 1
-        t = step.to(g.dtype)
-        m = self.beta1 * m_prev + (1 - self.beta1) * g
-        v = self.beta2 * v_prev + (1 - self.beta2) * g * g
-
-        def seg_sum(x):
-            return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype, device=x.device).index_add(-1, seg, x)
-
-        n = torch.tensor(spec.numels, dtype=g.dtype, device=g.device)
-        stats = torch.stack([seg_sum(m_prev * g), seg_sum(m_prev * m_prev), seg_sum(g * g),
-                             seg_sum(v), seg_sum(p * p), n], -1)
+        spec, seg, g, p, m, v, step, t, stats = self._reference_stats(grads, state, params)
         lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype))
         den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
         d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
         u = -lr[seg] * d
-        wd = weight_decays(ctx, T, g)
+        wd = weight_decays(ctx, spec.num_tensors, g)
         if wd is not None:
             u = u - (wd * lr)[seg] * p
         return spec.unflatten(u), {"step": step, "m": m, "v": v, "rms0": state["rms0"]}
@@ -189,36 +174,14 @@ class AnchoredRule(PerTensorRule):
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
         scales = default_scales(scales, len(params))
         params, grads = list(params), list(grads)
-        m_all, v_all = state["m"], state["v"]
-        dtype, device = v_all.dtype, v_all.device
-        m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
-        step = state["step"] + 1
-        t = float(step)
-        # per-tensor reductions before the moments move (<m_prev, g>, |m_prev|^2, |g|^2, |p|^2)
-        rows: List[Tensor] = []
-        for mv, gv, pv in zip(m_views, grads, params):
-            mf, gf, pf = mv.reshape(-1), gv.reshape(-1), pv.reshape(-1)
-            rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf),
-                                     torch.dot(pf, pf)]))
-        torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
-        torch._foreach_mul_(v_views, self.beta2)
-        torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
-        vsum = torch.stack([vv.sum() for vv in v_views])
-        r = torch.stack(rows)
-        n = torch.tensor(spec.numels, dtype=dtype, device=device)
-        stats = torch.stack([r[:, 0], r[:, 1], r[:, 2], vsum, r[:, 3], n], -1)
-        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=dtype, device=device),
+        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
+        v_all = state["v"]
+        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=v_all.dtype,
+                                                                  device=v_all.device),
                                 state["rms0"])
         wd = weight_decays(ctx, len(params), v_all)
         if wd is not None:  # decoupled decay on the weights before this step's update
             decay = (wd * lr).tolist()
             torch._foreach_mul_(params, [1.0 - s * k for s, k in zip(scales, decay)])
-        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
-        den = v_all.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
-        den_views = flat_views(den, spec)
-        lr_l, c_l = lr.tolist(), c.tolist()
-        torch._foreach_addcdiv_(params, m_views, den_views,
-                                [-l / bc1 * s for l, s in zip(lr_l, scales)])
-        torch._foreach_addcdiv_(params, grads, den_views,
-                                [-l * cc * s for l, cc, s in zip(lr_l, c_l, scales)])
-        return {"step": step, "m": m_all, "v": v_all, "rms0": state["rms0"]}
+        self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales)
+        return {"step": step, "m": state["m"], "v": v_all, "rms0": state["rms0"]}

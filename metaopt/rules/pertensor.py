@@ -159,7 +159,9 @@ class PerTensorRule(Rule):
         return torch.exp(log_base + a) * scale, c
 
     # -- reference (differentiable, vmappable) path ------------------------------------------------
-    def update(self, theta, grads, state, params, ctx=None):
+    def _reference_stats(self, grads, state, params):
+        """The moments and per-tensor statistics of ``update`` (differentiable, vmappable):
+        (spec, seg, g, p, m, v, step, t, stats) with ``stats`` as :meth:`controller` reads it."""
         spec = FlatSpec.of(params)
         g, p = spec.flatten(grads), spec.flatten(params)
         T = spec.num_tensors
@@ -176,27 +178,28 @@ class PerTensorRule(Rule):
         n = torch.tensor(spec.numels, dtype=g.dtype, device=g.device)
         stats = torch.stack([seg_sum(m_prev * g), seg_sum(m_prev * m_prev), seg_sum(g * g),
                              seg_sum(v), seg_sum(p * p), n], -1)
+        return spec, seg, g, p, m, v, step, t, stats
+
+    def update(self, theta, grads, state, params, ctx=None):
+        spec, seg, g, p, m, v, step, t, stats = self._reference_stats(grads, state, params)
         lr, c = self.controller(theta, spec, stats, t)
         den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
         d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
         return spec.unflatten(-lr[seg] * d), {"step": step, "m": m, "v": v}
 
     # -- in-place fast path --------------------------------------------------------------------------
-    @torch.no_grad()
-    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
-        scales = default_scales(scales, len(params))
-        params, grads = list(params), list(grads)
+    def _fast_stats(self, params, grads, state, spec):
+        """The in-place half of ``step_``: per-tensor reductions before the moments move, then
+        the moments updated in place. Returns (m_views, v_views, step, t, stats)."""
         m_all, v_all = state["m"], state["v"]
         dtype = v_all.dtype
         m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
         step = state["step"] + 1
-        t = float(step)
-        # per-tensor reductions before the moments move (<m_prev, g>, |m_prev|^2)
-        rows: List[Tensor] = []
+        rows: List[Tensor] = []   # <m_prev, g>, |m_prev|^2, |g|^2, |p|^2
         for mv, gv, pv in zip(m_views, grads, params):
-            mf, gf = mv.reshape(-1), gv.reshape(-1)
+            mf, gf, pf = mv.reshape(-1), gv.reshape(-1), pv.reshape(-1)
             rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf),
-                                     torch.dot(pv.reshape(-1), pv.reshape(-1))]))
+                                     torch.dot(pf, pf)]))
         torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
         torch._foreach_mul_(v_views, self.beta2)
         torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
@@ -204,7 +207,10 @@ class PerTensorRule(Rule):
         r = torch.stack(rows)
         n = torch.tensor(spec.numels, dtype=dtype, device=v_all.device)
         stats = torch.stack([r[:, 0], r[:, 1], r[:, 2], vsum, r[:, 3], n], -1)
-        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=dtype, device=v_all.device))
+        return m_views, v_views, step, float(step), stats
+
+    def _apply_(self, params, grads, m_views, v_all, spec, lr, c, t, scales) -> None:
+        """``p -= s_i lr_i (m / (1 - b1^t) + c_i g) / (sqrt(v / (1 - b2^t)) + eps)``, in place."""
         bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
         den = v_all.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
         den_views = flat_views(den, spec)
@@ -213,4 +219,14 @@ class PerTensorRule(Rule):
                                 [-l / bc1 * s for l, s in zip(lr_l, scales)])
         torch._foreach_addcdiv_(params, grads, den_views,
                                 [-l * cc * s for l, cc, s in zip(lr_l, c_l, scales)])
-        return {"step": step, "m": m_all, "v": v_all}
+
+    @torch.no_grad()
+    def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
+        scales = default_scales(scales, len(params))
+        params, grads = list(params), list(grads)
+        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
+        v_all = state["v"]
+        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=v_all.dtype,
+                                                                  device=v_all.device))
+        self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales)
+        return {"step": step, "m": state["m"], "v": v_all}
