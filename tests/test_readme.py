@@ -74,3 +74,32 @@ def test_readme_main_job_reruns_to_the_quoted_output(tmp_path):
         assert now["speedup"][problem] == pytest.approx(sp, abs=0.01), problem
     assert now["diverged"] == recorded["diverged"]
     assert r.stdout.strip().splitlines()[-1] == _quoted_main_job()
+
+
+def _readme_command(prefix: str) -> str:
+    """The README's first shell command that starts with ``prefix``."""
+    for line in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for cmd in line.splitlines():
+            if cmd.startswith(prefix):
+                return cmd
+    raise AssertionError(f"README: no command starting with {prefix!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_readme_scheme_sweep_and_report_run(tmp_path):
+    """The README's scheme comparison (a 3-job multirun, then ``metaopt report``) runs after the
+    README's install, with the outer loop cut to 3 steps; the report has one row per scheme."""
+    import shlex
+    sweep = shlex.split(_readme_command("metaopt train -m scheme="))
+    sweep = [a if not a.startswith("meta.outer_steps=") else "meta.outer_steps=3" for a in sweep]
+    report = shlex.split(_readme_command("metaopt report runs/schemes"))
+    report = [a if a != "200" else "20" for a in report]
+    main = [sys.executable, "-m", "metaopt"]
+    r = subprocess.run(main + sweep[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(main + report[1:], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = (tmp_path / "runs" / "schemes" / "report.md").read_text()
+    for scheme in ("nested", "interleaved", "continuous"):
+        assert f"scheme={scheme}" in rows, rows
