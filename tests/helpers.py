@@ -2,6 +2,7 @@
 tests that need an optional extra."""
 import pytest
 import torch
+from torch.func import grad
 from torch import nn
 import torch.nn.functional as F
 
@@ -48,3 +49,29 @@ def needs_extra_for(scheme_name: str) -> None:
     if scheme_name == "continuous":
         pytest.importorskip("torchdiffeq", reason="the continuous scheme needs the ode extra "
                                                   "(pip install -e '.[ode]')")
+
+
+def controller_theta(rule, spec, seed=1, dtype=torch.float64, out_scale=0.5):
+    """The rule's theta in ``dtype`` with a random (non-trivial) controller output layer (a
+    fresh theta's is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    th = {k: v.to(dtype) for k, v in rule.init_theta(spec, g).items()}
+    # a non-trivial controller (the fresh rule's output layer is zero)
+    th["w1"] = out_scale * torch.randn(th["w1"].shape, generator=g, dtype=dtype)
+    th["b1"] = out_scale * torch.randn(th["b1"].shape, generator=g, dtype=dtype)
+    return th
+
+
+def unroll_log_loss(rule, task, theta, steps=6, seed=0):
+    """Mean log training loss after each of ``steps`` inner updates (train_log_mean)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = task.init_params(gen)
+    state = rule.init(params)
+    batches = [task.sample_batch("train", gen) for _ in range(steps)]
+    total = 0.0
+    for b in batches:
+        g = grad(lambda p: task.loss(p, b))(params)
+        upd, state = rule.update(theta, g, state, params)
+        params = {k: params[k] + upd[k] for k in params}
+        total = total + torch.log(task.loss(params, b))
+    return total / steps

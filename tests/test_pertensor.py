@@ -11,31 +11,7 @@ from metaopt.rules import make_rule
 from metaopt.tasks import make_family
 from metaopt.tasks.mixture import ReparamTask
 from metaopt.types import FlatSpec
-from tests.helpers import TinyFamily
-
-
-def _theta(rule, spec, seed=1, dtype=torch.float64, out_scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    th = {k: v.to(dtype) for k, v in rule.init_theta(spec, g).items()}
-    # a non-trivial controller (the fresh rule's output layer is zero)
-    th["w1"] = out_scale * torch.randn(th["w1"].shape, generator=g, dtype=dtype)
-    th["b1"] = out_scale * torch.randn(th["b1"].shape, generator=g, dtype=dtype)
-    return th
-
-
-def _unroll_loss(rule, task, theta, steps=6, seed=0):
-    """Mean log training loss after each of ``steps`` inner updates (train_log_mean)."""
-    gen = torch.Generator().manual_seed(seed)
-    params = task.init_params(gen)
-    state = rule.init(params)
-    batches = [task.sample_batch("train", gen) for _ in range(steps)]
-    total = 0.0
-    for b in batches:
-        g = grad(lambda p: task.loss(p, b))(params)
-        upd, state = rule.update(theta, g, state, params)
-        params = {k: params[k] + upd[k] for k in params}
-        total = total + torch.log(task.loss(params, b))
-    return total / steps
+from tests.helpers import TinyFamily, controller_theta as _theta, unroll_log_loss as _unroll_loss
 
 
 def test_meta_gradient_matches_central_finite_differences():

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch.func import grad
 
 from metaopt.optim import LearnedOptimizer
 from metaopt.rules import make_rule
@@ -17,29 +16,7 @@ from metaopt.rules.anchored import WARMUP_RANGE
 from metaopt.tasks.base import ArrayDataset
 from metaopt.tasks.mlp import MLPTask
 from metaopt.types import FlatSpec
-from tests.helpers import TinyFamily
-
-
-def _theta(rule, spec, seed=1, dtype=torch.float64, out_scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    th = {k: v.to(dtype) for k, v in rule.init_theta(spec, g).items()}
-    th["w1"] = out_scale * torch.randn(th["w1"].shape, generator=g, dtype=dtype)
-    th["b1"] = out_scale * torch.randn(th["b1"].shape, generator=g, dtype=dtype)
-    return th
-
-
-def _unroll_loss(rule, task, theta, steps=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = task.init_params(gen)
-    state = rule.init(params)
-    total = 0.0
-    for _ in range(steps):
-        b = task.sample_batch("train", gen)
-        g = grad(lambda p: task.loss(p, b))(params)
-        upd, state = rule.update(theta, g, state, params)
-        params = {k: params[k] + upd[k] for k in params}
-        total = total + torch.log(task.loss(params, b))
-    return total / steps
+from tests.helpers import TinyFamily, controller_theta as _theta, unroll_log_loss as _unroll_loss
 
 
 @pytest.mark.parametrize("max_relative", [0.0, 0.9])
