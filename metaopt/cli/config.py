@@ -201,6 +201,8 @@ class AnchoredRuleConf(PerTensorRuleConf):
     max_log_mult: float = 2.0
     warmup: float = 5.0
     max_relative: float = 0.0
+    adapt_range: float = 0.0
+    adapt_gain: float = 0.3
 
 
 @dataclass

@@ -49,12 +49,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from metaopt.rules.base import default_scales, register_rule
+from metaopt.rules.base import default_scales, flat_views, register_rule
 from metaopt.rules.pertensor import TINY, PerTensorRule
 from metaopt.types import FlatSpec, safe_sqrt
 
 #: bounds of the learned warm-up time constant (steps)
 WARMUP_RANGE = (1.0, 200.0)
+#: the largest ``adapt_range`` (the adapted rate stays within a factor e^ADAPT_MAX of the base)
+ADAPT_MAX = 10.0
 
 
 def weight_decays(ctx, n: int, like: Tensor) -> Optional[Tensor]:
@@ -78,7 +80,8 @@ class AnchoredRule(PerTensorRule):
     def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
                  floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 2.0,
-                 warmup: float = 5.0, max_relative: float = 0.0):
+                 warmup: float = 5.0, max_relative: float = 0.0, adapt_range: float = 0.0,
+                 adapt_gain: float = 0.3):
         super().__init__(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
                          floor=floor, beta1=beta1, beta2=beta2, eps=eps, time_taus=time_taus,
                          max_log_mult=max_log_mult)
@@ -89,13 +92,21 @@ class AnchoredRule(PerTensorRule):
         if not 0.0 <= max_relative < 1.0:
             raise ValueError(f"Invalid max_relative: {max_relative} (must be in [0, 1))")
         self.max_relative = float(max_relative)
+        if not 0.0 <= adapt_range <= ADAPT_MAX:
+            raise ValueError(f"Invalid adapt_range: {adapt_range} (must be in [0, {ADAPT_MAX:g}])")
+        if not adapt_gain > 0:
+            raise ValueError(f"Invalid adapt_gain: {adapt_gain} (must be > 0)")
+        self.adapt_range, self.adapt_gain = float(adapt_range), float(adapt_gain)
 
     def config(self):
-        return {**super().config(), "warmup": self.warmup, "max_relative": self.max_relative}
+        cfg = {**super().config(), "warmup": self.warmup, "max_relative": self.max_relative}
+        if self.adapt_range:
+            cfg.update(adapt_range=self.adapt_range, adapt_gain=self.adapt_gain)
+        return cfg
 
     @property
     def num_inputs(self) -> int:
-        return super().num_inputs + 1   # + growth
+        return super().num_inputs + 1 + (1 if self.adapt_range else 0)   # + growth (+ h)
 
     def init_theta(self, spec=None, generator=None):
         theta = super().init_theta(spec, generator)
@@ -105,6 +116,8 @@ class AnchoredRule(PerTensorRule):
             theta["w1"] = torch.zeros(self.hidden_size, 3)
             theta["b1"] = torch.zeros(3)
             theta["logit_relative"] = torch.tensor(0.0)
+        if self.adapt_range:
+            theta["log_adapt_gain"] = torch.tensor(math.log(self.adapt_gain))
         return theta
 
     def init(self, params):
@@ -112,15 +125,31 @@ class AnchoredRule(PerTensorRule):
         p = spec.flatten(params)
         rms0 = torch.stack([t.detach().pow(2).mean().sqrt() for t in params.values()]) \
             if params else p.new_zeros(0)
-        return {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p),
-                "rms0": rms0.to(p.dtype)}
+        state = {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p),
+                 "rms0": rms0.to(p.dtype)}
+        if self.adapt_range:
+            state["h"] = torch.zeros_like(state["rms0"])
+        return state
+
+    def _adapt(self, theta, h_prev: Tensor, dg: Tensor, dd: Tensor, gg: Tensor) -> Tensor:
+        """The adapted log-rate ``h`` [T]: ``clamp(h_prev + gain * cos(d_{t-1}, g_t), +-range)``
+        from ``dg = <d_{t-1}, g_t>`` and ``dd = |d_{t-1}|^2`` (``gg = |g_t|^2``)."""
+        cos = dg * torch.rsqrt(dd * gg + TINY)
+        gain = torch.exp(theta["log_adapt_gain"].to(cos.dtype))
+        return (h_prev + gain * cos).clamp(-self.adapt_range, self.adapt_range)
+
+    def _prev_direction(self, m_prev: Tensor, v_prev: Tensor, step_prev: Tensor) -> Tensor:
+        """Last step's Adam direction up to a per-tensor factor: ``m / (sqrt(v / bc2) + eps)``
+        (all zero before the first step)."""
+        bc2 = (1 - self.beta2 ** step_prev).clamp_min(1 - self.beta2)
+        return m_prev / (safe_sqrt(v_prev / bc2) + self.eps)
 
     # -- the per-tensor controller (shared by ``update`` and ``step_``) -------------------------
     def controller(self, theta, spec: FlatSpec, stats: Tensor, step: Tensor,
-                   rms0: Tensor = None) -> Tuple[Tensor, Tensor]:
+                   rms0: Tensor = None, h: Tensor = None) -> Tuple[Tensor, Tensor]:
         """``stats`` [T, 6] per tensor: <m_prev, g>, |m_prev|^2, |g|^2, sum v (new), |p|^2, numel;
-        ``rms0`` [T]; ``step`` = t (>= 1). Returns the learning rate lr_i [T] and the gradient
-        share c [T]."""
+        ``rms0`` [T]; ``step`` = t (>= 1); ``h`` [T] the adapted log-rate (with ``adapt_range``).
+        Returns the learning rate lr_i [T] and the gradient share c [T]."""
         dtype, device = stats.dtype, stats.device
         is_vec, inv_sqrt_fan = self._static(spec, dtype, device)
         dot, mm, gg, vsum, pp, n = stats.unbind(-1)
@@ -136,11 +165,13 @@ class AnchoredRule(PerTensorRule):
         growth = torch.log((torch.sqrt(pp / n) + floor) / (rms0 + floor))
         tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
         glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
-        x = torch.cat([torch.stack([cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5, is_vec,
-                                    growth.clamp(-3, 3) / 3], -1),
-                       glob.expand(cos.shape[0], glob.shape[0])], -1)
-        h = torch.relu(x @ th["w0"] + th["b0"])
-        out = h @ th["w1"] + th["b1"]
+        per = [cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5, is_vec, growth.clamp(-3, 3) / 3]
+        if self.adapt_range:
+            per.append(h / self.adapt_range)
+        log_adapt = h
+        x = torch.cat([torch.stack(per, -1), glob.expand(cos.shape[0], glob.shape[0])], -1)
+        hid = torch.relu(x @ th["w0"] + th["b0"])
+        out = hid @ th["w1"] + th["b1"]
         a = self.max_log_mult * torch.tanh(out[:, 0] / self.max_log_mult)
         c = torch.tanh(out[:, 1])
         log_base = torch.where(is_vec > 0, th["log_lr_vector"], th["log_lr_matrix"])
@@ -155,33 +186,56 @@ class AnchoredRule(PerTensorRule):
         lo, hi = WARMUP_RANGE
         tau = torch.exp(th["log_warmup"].clamp(math.log(lo), math.log(hi)))
         warm = -torch.expm1(-step / tau)
-        return torch.exp(log_base + a) * anchor * warm, c
+        log_lr = log_base + a + (log_adapt if self.adapt_range else 0.0)
+        return torch.exp(log_lr) * anchor * warm, c
 
     # -- reference (differentiable, vmappable) path ------------------------------------------------
     def update(self, theta, grads, state, params, ctx=None):
         spec, seg, g, p, m, v, step, t, stats = self._reference_stats(grads, state, params)
-        lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype))
+        new = {"step": step, "m": m, "v": v, "rms0": state["rms0"]}
+        h = None
+        if self.adapt_range:
+            T = spec.num_tensors
+            q = self._prev_direction(state["m"], state["v"], t - 1)
+
+            def seg_sum(x):
+                return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype,
+                                   device=x.device).index_add(-1, seg, x)
+
+            h = new["h"] = self._adapt(theta, state["h"].to(g.dtype), seg_sum(q * g),
+                                       seg_sum(q * q), stats[:, 2])
+        lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype), h)
         den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
         d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
         u = -lr[seg] * d
         wd = weight_decays(ctx, spec.num_tensors, g)
         if wd is not None:
             u = u - (wd * lr)[seg] * p
-        return spec.unflatten(u), {"step": step, "m": m, "v": v, "rms0": state["rms0"]}
+        return spec.unflatten(u), new
 
     # -- in-place fast path --------------------------------------------------------------------------
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
         scales = default_scales(scales, len(params))
         params, grads = list(params), list(grads)
-        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
         v_all = state["v"]
+        if self.adapt_range:   # <d_{t-1}, g_t> and |d_{t-1}|^2, before the moments move
+            q = self._prev_direction(state["m"], v_all, state["step"].to(v_all.dtype))
+            dots = torch.stack([torch.stack([torch.dot(qv.reshape(-1), gv.reshape(-1)),
+                                             torch.dot(qv.reshape(-1), qv.reshape(-1))])
+                                for qv, gv in zip(flat_views(q, spec), grads)])
+            del q
+        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
+        new = {"step": step, "m": state["m"], "v": v_all, "rms0": state["rms0"]}
+        h = None
+        if self.adapt_range:
+            h = new["h"] = self._adapt(theta, state["h"], dots[:, 0], dots[:, 1], stats[:, 2])
         lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=v_all.dtype,
                                                                   device=v_all.device),
-                                state["rms0"])
+                                state["rms0"], h)
         wd = weight_decays(ctx, len(params), v_all)
         if wd is not None:  # decoupled decay on the weights before this step's update
             decay = (wd * lr).tolist()
             torch._foreach_mul_(params, [1.0 - s * k for s, k in zip(scales, decay)])
         self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales)
-        return {"step": step, "m": state["m"], "v": v_all, "rms0": state["rms0"]}
+        return new
