@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from metaopt.tasks.base import ArrayDataset, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import _resolve_dtype, as_choices, as_range, jsonable, load_sklearn
+from metaopt.tasks.data import resolve_dtype, as_choices, as_range, jsonable, load_sklearn
 from metaopt.tasks.mlp import MLPTask, check_activation
 
 AE_LOSSES = ("mse", "bce")
@@ -57,7 +57,7 @@ class DigitsAEFamily(TaskFamily):
         self.init_scale = as_range(init_scale, "init_scale")
         self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
         self.split_seed = int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         x, _ = load_sklearn("digits", dtype=self.dtype, flat=True)
         self.data = reconstruction_dataset(x, self.split_seed, name="digits")
 

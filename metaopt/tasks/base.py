@@ -48,7 +48,7 @@ class ArrayDataset:
         self.y = {s: y[i] for s, i in idx.items()}
 
     def size(self, split: str) -> int:
-        return len(self.x[_check_split(split)])
+        return len(self.x[check_split(split)])
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
         n = self.size(split)
@@ -56,7 +56,7 @@ class ArrayDataset:
         return self.x[split][i], self.y[split][i]
 
     def full(self, split: str) -> Batch:
-        return self.x[_check_split(split)], self.y[split]
+        return self.x[check_split(split)], self.y[split]
 
     def to(self, dtype: torch.dtype) -> "ArrayDataset":
         for s in SPLITS:
@@ -82,24 +82,25 @@ class SequenceDataset:
                 raise ValueError(f"seq_len={seq_len} is too long for the {s} split ({len(p)} tokens)")
 
     def size(self, split: str) -> int:
-        return len(self.parts[_check_split(split)]) - self.seq_len - 1
+        return len(self.parts[check_split(split)]) - self.seq_len - 1
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
-        seq = self.parts[_check_split(split)]
+        seq = self.parts[check_split(split)]
         start = torch.randint(0, self.size(split), (batch_size,), generator=generator)
         idx = start[:, None] + torch.arange(self.seq_len + 1)
         w = seq[idx]
         return w[:, :-1], w[:, 1:]
 
     def full(self, split: str, max_windows: int = 256) -> Batch:
-        seq = self.parts[_check_split(split)]
+        seq = self.parts[check_split(split)]
         n = min(self.size(split) // self.seq_len, max_windows)
         idx = torch.arange(n)[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
         w = seq[idx]
         return w[:, :-1], w[:, 1:]
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
+    """``split`` if it is one of ``SPLITS``, else a ValueError naming them."""
     if split not in SPLITS:
         raise ValueError(f"Invalid split: {split!r} (use one of {SPLITS})")
     return split

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.tasks.base import SequenceDataset, Task, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import (CharVocab, _resolve_dtype, as_choices, as_range, jsonable,
+from metaopt.tasks.data import (CharVocab, resolve_dtype, as_choices, as_range, jsonable,
                                 load_text)
 
 
@@ -83,7 +83,7 @@ class CharLMTask(Task):
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}")
         module = CharLMModule(vocab_size, data.seq_len, d_model, n_layers, n_heads, mlp_ratio)
-        module = module.to(_resolve_dtype(dtype))
+        module = module.to(resolve_dtype(dtype))
         structure = ("char_lm", vocab_size, data.seq_len, d_model, n_layers, n_heads, mlp_ratio,
                      int(batch_size))
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
@@ -127,7 +127,7 @@ class CharLMFamily(TaskFamily):
         self.init_scale = as_range(init_scale, "init_scale")
         self.mlp_ratio = int(mlp_ratio)
         self.text = text
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.vocab, tokens = _encoded(load_text() if text is None else text)
         self.data = SequenceDataset(tokens, self.seq_len, name="text")
 

@@ -37,7 +37,7 @@ SKLEARN_DATASETS = {
 }
 
 
-def _resolve_dtype(dtype) -> torch.dtype:
+def resolve_dtype(dtype) -> torch.dtype:
     """Accept ``torch.float64`` or the string ``"float64"`` (what a YAML config holds)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -47,7 +47,9 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return d
 
 
-def _check_dataset_name(name: str) -> str:
+def check_dataset_name(name: str) -> str:
+    """``name`` if it is a known scikit-learn dataset (a key of ``SKLEARN_DATASETS``), else a
+    ValueError listing the known ones."""
     if name not in SKLEARN_DATASETS:
         raise ValueError(f"Unknown dataset: {name!r} (known: {', '.join(SKLEARN_DATASETS)})")
     return name
@@ -58,7 +60,7 @@ def _load_raw(name: str) -> Tuple[np.ndarray, np.ndarray]:
     """The raw numpy arrays, loaded once per process and frozen (callers get copies)."""
     import sklearn.datasets
 
-    loader, _ = SKLEARN_DATASETS[_check_dataset_name(name)]
+    loader, _ = SKLEARN_DATASETS[check_dataset_name(name)]
     x, y = getattr(sklearn.datasets, loader)(return_X_y=True)
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y)
@@ -68,7 +70,7 @@ def _load_raw(name: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def is_classification(name: str) -> bool:
-    return SKLEARN_DATASETS[_check_dataset_name(name)][1]
+    return SKLEARN_DATASETS[check_dataset_name(name)][1]
 
 
 def num_classes(y: Tensor) -> int:
@@ -81,7 +83,7 @@ def load_sklearn(name: str, dtype=torch.float32, flat: bool = False) -> Tuple[Te
     Classification targets are ``int64`` class ids; regression targets have ``dtype``.
     ``digits`` images are ``[N, 1, 8, 8]`` in [0, 1] unless ``flat=True`` (``[N, 64]``).
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     x, y = _load_raw(name)
     xt = torch.tensor(x, dtype=dtype)
     if name == "digits":
@@ -124,8 +126,8 @@ def make_dataset(name: str, split_seed: int = 0, fractions: Sequence[float] = (0
 
     Cached per arguments: tasks sampled from one family share one (read-only) dataset object.
     """
-    return _cached_dataset(_check_dataset_name(name), int(split_seed),
-                           tuple(float(f) for f in fractions), _resolve_dtype(dtype), bool(flat),
+    return _cached_dataset(check_dataset_name(name), int(split_seed),
+                           tuple(float(f) for f in fractions), resolve_dtype(dtype), bool(flat),
                            bool(standardize))
 
 

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.tasks.base import ArrayDataset, SequenceDataset, Task
 from metaopt.tasks.charlm import CharLMTask
-from metaopt.tasks.data import (CharVocab, _resolve_dtype, stdlib_source, to_ascii,
+from metaopt.tasks.data import (CharVocab, resolve_dtype, stdlib_source, to_ascii,
                                 load_sklearn, make_dataset, standardize_)
 from metaopt.tasks.mlp import ACTIVATIONS, MLPModule, MLPTask, SupervisedModule, SupervisedTask
 from metaopt.tasks.synthetic import VAETask
@@ -352,7 +352,7 @@ class EmbeddingBagClassifier(nn.Module):
 
 def _task(name: str, module: nn.Module, data, batch_size: int, dtype, structure,
           cls=Task) -> Task:
-    return cls(name, module.to(_resolve_dtype(dtype)), data=data, batch_size=batch_size,
+    return cls(name, module.to(resolve_dtype(dtype)), data=data, batch_size=batch_size,
                structure=structure)
 
 

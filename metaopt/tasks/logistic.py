@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 
 from metaopt.tasks.base import ArrayDataset, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import (_check_dataset_name, _resolve_dtype, as_choices, as_range,
+from metaopt.tasks.data import (check_dataset_name, resolve_dtype, as_choices, as_range,
                                 is_classification, jsonable, make_dataset)
 from metaopt.tasks.mlp import MLPTask
 
@@ -43,7 +43,7 @@ class LogisticFamily(TaskFamily):
 
     def __init__(self, dataset: str = "breast_cancer", batch_size=32, split_seed: int = 0,
                  init_scale=(0.5, 2.0), l2: float = 0.0, dtype=torch.float32):
-        self.dataset = _check_dataset_name(dataset)
+        self.dataset = check_dataset_name(dataset)
         if not is_classification(dataset):
             raise ValueError(f"Invalid dataset: {dataset!r} (logistic regression needs labels)")
         self.batch_size = as_choices(batch_size, "batch_size")
@@ -54,7 +54,7 @@ class LogisticFamily(TaskFamily):
         if l2 < 0:
             raise ValueError(f"Invalid l2: {l2}")
         self.l2 = float(l2)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.task_name = f"logreg_{self.dataset}"
 
     @property

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaopt.tasks.base import ArrayDataset, Task, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import (_resolve_dtype, as_choices, as_range, jsonable, make_dataset)
+from metaopt.tasks.data import (resolve_dtype, as_choices, as_range, jsonable, make_dataset)
 from metaopt.types import Batch, Params
 
 ACTIVATIONS = {
@@ -148,7 +148,7 @@ def infer_loss_and_outputs(data: ArrayDataset, loss: Optional[str],
 
 def data_dtype(data: ArrayDataset, dtype) -> torch.dtype:
     if dtype is not None:
-        return _resolve_dtype(dtype)
+        return resolve_dtype(dtype)
     x = data.x["train"]
     return x.dtype if x.is_floating_point() else torch.float32
 
@@ -226,7 +226,7 @@ class DigitsFamilyBase(TaskFamily):
             if min(vals) < lo:
                 raise ValueError(f"Invalid {name}: {raw!r}")
         self.split_seed = int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         return sizes_t
 
     @property

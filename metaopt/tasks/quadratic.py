@@ -16,8 +16,8 @@ from typing import Any, Dict
 import torch
 from torch import Tensor, nn
 
-from metaopt.tasks.base import Task, TaskFamily, _check_split, log_uniform
-from metaopt.tasks.data import _resolve_dtype, as_range, jsonable, uniform
+from metaopt.tasks.base import Task, TaskFamily, check_split, log_uniform
+from metaopt.tasks.data import resolve_dtype, as_range, jsonable, uniform
 from metaopt.types import Batch, Params
 
 
@@ -52,7 +52,7 @@ class QuadraticTask(Task):
 
     def __init__(self, A: Tensor, w_star: Tensor, noise: float = 0.0, batch_size: int = 1,
                  init_scale: float = 1.0, name: str = "quadratic", dtype=None):
-        dtype = _resolve_dtype(dtype) if dtype is not None else w_star.dtype
+        dtype = resolve_dtype(dtype) if dtype is not None else w_star.dtype
         if A.shape != (w_star.numel(), w_star.numel()) or w_star.dim() != 1:
             raise ValueError(f"Invalid shapes: A {tuple(A.shape)}, w_star {tuple(w_star.shape)}")
         if noise < 0:
@@ -80,7 +80,7 @@ class QuadraticTask(Task):
 
     def sample_batch(self, split: str, generator: torch.Generator) -> Batch:
         shape = (self.batch_size, self.dim)
-        if _check_split(split) == "train":
+        if check_split(split) == "train":
             z = torch.randn(shape, generator=generator, dtype=self.w_star.dtype)
             return (self.w_star + self.noise * z,)
         return (self.w_star.expand(shape).clone(),)
@@ -88,7 +88,7 @@ class QuadraticTask(Task):
     def full_batch(self, split: str) -> Batch:
         """Every split evaluates the noise-free loss (train's expected loss minus the constant
         ``0.5 * noise^2 * trace(A)``)."""
-        _check_split(split)
+        check_split(split)
         return (self.w_star[None].clone(),)
 
     def optimal_loss(self) -> float:
@@ -119,7 +119,7 @@ class QuadraticFamily(TaskFamily):
         self.noise = as_range(noise, "noise", positive=False)
         self.batch_size = int(batch_size)
         self.init_scale = as_range(init_scale, "init_scale")
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> QuadraticTask:
         cond = log_uniform(generator, *self.cond)

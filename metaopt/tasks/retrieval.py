@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.tasks.base import ArrayDataset, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import _resolve_dtype, as_choices, as_range, jsonable
+from metaopt.tasks.data import resolve_dtype, as_choices, as_range, jsonable
 from metaopt.tasks.mlp import SupervisedModule, SupervisedTask
 
 LETTERS = string.ascii_lowercase
@@ -137,7 +137,7 @@ class RetrievalTask(SupervisedTask):
             raise ValueError(f"Invalid hidden/embed: {hidden}/{embed}")
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}")
-        module = RetrievalRNNModule(hidden, embed).to(_resolve_dtype(dtype))
+        module = RetrievalRNNModule(hidden, embed).to(resolve_dtype(dtype))
         structure = ("assoc_retrieval", data.x["train"].shape[1], hidden, embed, int(batch_size))
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
                          structure=structure)
@@ -162,7 +162,7 @@ class AssocRetrievalFamily(TaskFamily):
         self.batch_sizes = as_choices(batch_sizes, "batch_sizes")
         self.init_scale = as_range(init_scale, "init_scale")
         self.num_examples, self.split_seed = int(num_examples), int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     @property
     def data(self) -> ArrayDataset:

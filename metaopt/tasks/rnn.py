@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.tasks.base import SequenceDataset, Task
-from metaopt.tasks.data import _resolve_dtype
+from metaopt.tasks.data import resolve_dtype
 
 
 class GRULM(nn.Module):
@@ -52,6 +52,6 @@ class GRULMTask(Task):
                  batch_size: int = 16, init_scale: float = 1.0, name: str = "char_gru", dtype=None):
         if hidden < 1 or embed < 1:
             raise ValueError(f"Invalid hidden/embed: {hidden}, {embed}")
-        module = GRULM(vocab_size, embed, hidden).to(_resolve_dtype(dtype or torch.float32))
+        module = GRULM(vocab_size, embed, hidden).to(resolve_dtype(dtype or torch.float32))
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
                          structure=("gru", vocab_size, embed, hidden, batch_size))

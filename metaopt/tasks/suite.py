@@ -26,7 +26,7 @@ import torch
 from metaopt.tasks.autoencoder import AutoencoderTask, reconstruction_dataset
 from metaopt.tasks.base import SequenceDataset, Task, TaskFamily
 from metaopt.tasks.conv import ConvTask
-from metaopt.tasks.data import CharVocab, _resolve_dtype, load_sklearn, load_text, make_dataset
+from metaopt.tasks.data import CharVocab, resolve_dtype, load_sklearn, load_text, make_dataset
 from metaopt.tasks.final import FINAL
 from metaopt.tasks.mlp import MLPTask
 from metaopt.tasks.rnn import GRULMTask
@@ -106,7 +106,7 @@ class SuiteFamily(TaskFamily):
     def __init__(self, problem: str = "wine_mlp", dtype=torch.float32):
         self.suite_set = suite_set_of(problem)
         self.problem = problem
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self._task = None
 
     def sample(self, generator: torch.Generator) -> Task:

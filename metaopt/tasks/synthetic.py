@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.tasks.base import ArrayDataset, Task, TaskFamily, choice, log_uniform
-from metaopt.tasks.data import _resolve_dtype, as_choices, as_range, jsonable, make_dataset
+from metaopt.tasks.data import resolve_dtype, as_choices, as_range, jsonable, make_dataset
 from metaopt.tasks.mlp import ACTIVATIONS, MLPTask, check_activation
 from metaopt.types import Batch
 
@@ -88,7 +88,7 @@ class RegressionFamily(TaskFamily):
             raise ValueError(f"Invalid num_examples: {num_examples}")
         self.num_examples = int(num_examples)
         self.init_scale = as_range(init_scale, "init_scale")
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> Task:
         d = choice(generator, self.in_dims)
@@ -136,7 +136,7 @@ class RawFeaturesFamily(TaskFamily):
             raise ValueError(f"Invalid num_classes: {num_classes}")
         self.num_classes, self.num_examples = int(num_classes), int(num_examples)
         self.init_scale = as_range(init_scale, "init_scale")
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> Task:
         d = choice(generator, self.in_dims)
@@ -226,7 +226,7 @@ class VAETask(Task):
                  activation: str = "relu", batch_size: int = 64, init_scale: float = 1.0,
                  recon_weight: float = 1.0, name: str = "vae", dtype=torch.float32):
         in_dim = int(data.x["train"][0].numel())
-        module = VAEModule(in_dim, hidden, latent, activation, recon_weight).to(_resolve_dtype(dtype))
+        module = VAEModule(in_dim, hidden, latent, activation, recon_weight).to(resolve_dtype(dtype))
         super().__init__(name, module, data=NoisyDataset(data, latent), batch_size=batch_size,
                          init_scale=init_scale,
                          structure=("vae", in_dim, int(hidden), int(latent), activation,
@@ -262,7 +262,7 @@ class VAEFamily(TaskFamily):
         self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
         self.num_examples = int(num_examples)
         self.init_scale = as_range(init_scale, "init_scale")
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> Task:
         d, h, z = (choice(generator, v) for v in (self.dims, self.hidden, self.latents))
@@ -310,7 +310,7 @@ class MatFacTask(Task):
     def __init__(self, data: ArrayDataset, num_users: int, num_items: int, dim: int = 8,
                  l2: float = 0.0, batch_size: int = 128, init_scale: float = 1.0,
                  name: str = "matfac", dtype=torch.float32):
-        module = MatFacModule(num_users, num_items, dim, l2).to(_resolve_dtype(dtype))
+        module = MatFacModule(num_users, num_items, dim, l2).to(resolve_dtype(dtype))
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
                          structure=("matfac", int(num_users), int(num_items), int(dim), float(l2)))
 
@@ -349,7 +349,7 @@ class MatFacFamily(TaskFamily):
         self.fraction = float(fraction)
         self.l2 = as_choices(l2, "l2", float)
         self.init_scale = as_range(init_scale, "init_scale")
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> Task:
         nu, ni, r, k = (choice(generator, v) for v in (self.users, self.items, self.ranks, self.dims))
@@ -401,7 +401,7 @@ class ResMLPTask(Task):
                  activation: str = "gelu", batch_size: int = 64, init_scale: float = 1.0,
                  name: str = "resmlp", dtype=torch.float32):
         in_dim = int(data.x["train"][0].numel())
-        module = ResMLPModule(in_dim, width, depth, num_classes, activation).to(_resolve_dtype(dtype))
+        module = ResMLPModule(in_dim, width, depth, num_classes, activation).to(resolve_dtype(dtype))
         super().__init__(name, module, data=data, batch_size=batch_size, init_scale=init_scale,
                          structure=("resmlp", in_dim, int(width), int(depth), int(num_classes),
                                     activation))
@@ -422,7 +422,7 @@ class ResMLPFamily(TaskFamily):
         self.activations = tuple(check_activation(a) for a in as_choices(activations, "activations", str))
         self.init_scale = as_range(init_scale, "init_scale")
         self.split_seed = int(split_seed)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
 
     def sample(self, generator: torch.Generator) -> Task:
         w, d = choice(generator, self.widths), choice(generator, self.depths)
