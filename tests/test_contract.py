@@ -12,7 +12,9 @@ MLP task:
 * ES/PES (stochastic): a finite, graph-free estimate of theta's shapes, and the slot's own run
   equals the nested run at theta;
 * ``step_`` == ``update`` where a rule has the in-place fast path;
-* ``state_dict`` round trip through :class:`LearnedOptimizer` resumes bit-identically.
+* ``state_dict`` round trip through :class:`LearnedOptimizer` resumes bit-identically;
+* a declared ``state_layout`` (and ``theta_layout`` of a spec-dependent rule) covers every key,
+  before and after an update, with shapes that fit it.
 
 A rule registered with ``@register_rule`` before this module is collected is tested by default.
 Structured config nodes (rule/ and scheme/ groups) are checked against the constructors' defaults.
@@ -216,6 +218,53 @@ def test_learned_optimizer_state_dict_round_trip(name):
     for p, q, b in zip(model.parameters(), twin.parameters(), before):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+#: rules that do not declare their state layout yet (LearnedOptimizer guesses it from shapes);
+#: every other rule must declare one
+LAYOUT_UNDECLARED = {"pertensor", "anchored", "toy_tanh_sgd"}
+#: non-default options that change which state keys a rule keeps
+LAYOUT_VARIANTS = [("sgd", dict(momentum=0.9)), ("layerwise_lr", dict(direction="adam",
+                   loss_features=True, act_features=True)), ("mlp", dict(loss_features=True)),
+                   ("sgd_hd", dict(momentum=0.9)), ("lookahead", dict(inner="adam")),
+                   ("anchored", dict(adapt_range=1.0))]
+
+
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in RULE_NAMES] + LAYOUT_VARIANTS)
+def test_declared_state_layout(name, kwargs):
+    from metaopt.rules.layout import check_layout
+    try:
+        rule = RULES[name](**kwargs)
+    except TypeError:   # an option this version of the rule does not have
+        pytest.skip(f"{name} has no option {sorted(kwargs)}")
+    if rule.state_layout is None:
+        assert name in LAYOUT_UNDECLARED, f"rule {name!r} declares no state_layout"
+        pytest.skip(f"{name} declares no state_layout yet")
+    params = _slots(rule, 1)[0].params
+    spec = FlatSpec.of(params)
+    state = rule.init(params)
+    check_layout(rule.state_layout, state, spec)
+    theta = {k: v.detach() for k, v in _theta(rule).items()}
+    if rule.spec_dependent:
+        assert rule.theta_layout is not None, f"spec-dependent rule {name!r} declares no theta_layout"
+        check_layout(rule.theta_layout, theta, spec, "theta")
+    grads = dict(zip(spec.names, _toy_grads(spec, 0)))
+    ctx = {"loss": torch.tensor(1.0, dtype=torch.float64),
+           "act": {n: torch.zeros(2, dtype=torch.float64) for n in spec.names}}
+    _, new = rule.update(theta, grads, state, params, ctx)
+    assert set(new) == set(state)
+    check_layout(rule.state_layout, new, spec)
+
+
+def test_layout_check_names_the_bad_key():
+    from metaopt.rules.layout import check_layout
+    spec = FlatSpec.from_shapes({"w": (2, 3), "b": (3,)})
+    check_layout({"m": "coord", "r": "tensor", "step": "global"},
+                 {"m": torch.zeros(4, 9), "r": torch.zeros(2), "step": torch.zeros(())}, spec)
+    with pytest.raises(ValueError, match="'m'.*last dim should be 9"):
+        check_layout({"m": "coord"}, {"m": torch.zeros(2)}, spec)
+    with pytest.raises(ValueError, match="'x' has no declared layout"):
+        check_layout({"m": "coord"}, {"x": torch.zeros(())}, spec)
 
 
 # -- rule x scheme contracts ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from metaopt.activations import ActivationRecorder
 from metaopt.rules.base import Rule, make_rule
 from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,
-                              resolve_rule_path)
+                              resolve_rule_path, spec_mismatch)
+from metaopt.rules.layout import GLOBAL, Layout
 from metaopt.types import FlatSpec, Params, State
 
 __all__ = ["LearnedOptimizer", "PRETRAINED_DIR", "DEFAULT_RULE"]  # PRETRAINED_DIR: shipped rules
@@ -59,77 +60,6 @@ __all__ = ["LearnedOptimizer", "PRETRAINED_DIR", "DEFAULT_RULE"]  # PRETRAINED_D
 DEFAULT_RULE = "default"
 #: rule-state keys that hold running loss statistics (rules.features.init_surprise_state)
 _LOSS_STAT_KEYS = ("loss_mean", "loss_var")
-
-_COORD, _TENSOR, _GLOBAL = "coord", "tensor", "global"
-
-
-# -- per-parameter view of a flat rule state -----------------------------------------------------
-def _layout(value: Tensor, spec: FlatSpec) -> Tuple[str, int]:
-    """How a flat state entry maps to parameters: along a dim of size N (per coordinate), of size
-    T (per tensor), or not at all (shared, e.g. the step counter). Dims are searched from the last
-    one, since flat layouts put the coordinate dim last (``m`` of the mlp rule is [K, N])."""
-    if isinstance(value, Tensor):
-        for kind, size in ((_COORD, spec.numel), (_TENSOR, spec.num_tensors)):
-            for d in range(value.dim() - 1, -1, -1):
-                if value.shape[d] == size:
-                    return kind, d
-    return _GLOBAL, -1
-
-
-def _offsets(spec: FlatSpec) -> List[int]:
-    out, o = [], 0
-    for n in spec.numels:
-        out.append(o)
-        o += n
-    return out
-
-
-def _split(value, kind: str, d: int, spec: FlatSpec, i: int, off: int):
-    """Parameter ``i``'s share of a flat entry (a view)."""
-    if kind == _COORD:
-        piece = value.narrow(d, off, spec.numels[i])
-        if d == value.dim() - 1:
-            piece = piece.reshape(tuple(value.shape[:-1]) + tuple(spec.shapes[i]))
-        return piece
-    if kind == _TENSOR:
-        return value.select(d, i)
-    return value
-
-
-def _gather(state: State, layout: Dict[str, Tuple[str, int]], spec: FlatSpec,
-            idx: Sequence[int]) -> State:
-    """The state restricted to the tensors ``idx`` (copies)."""
-    offs = _offsets(spec)
-    out = {}
-    for k, v in state.items():
-        kind, d = layout[k]
-        if kind == _COORD:
-            out[k] = torch.cat([v.narrow(d, offs[i], spec.numels[i]) for i in idx], dim=d)
-        elif kind == _TENSOR:
-            out[k] = v.index_select(d, torch.tensor(list(idx), device=v.device))
-        else:
-            out[k] = v
-    return out
-
-
-def _scatter_(state: State, sub: State, layout, spec: FlatSpec, idx: Sequence[int]) -> State:
-    """Write the subset state ``sub`` (over tensors ``idx``) back into ``state``."""
-    offs = _offsets(spec)
-    out = dict(state)
-    for k, v in sub.items():
-        kind, d = layout[k]
-        if kind == _COORD:
-            full, lo = state[k], 0
-            for i in idx:
-                n = spec.numels[i]
-                full.narrow(d, offs[i], n).copy_(v.narrow(d, lo, n))
-                lo += n
-        elif kind == _TENSOR:
-            state[k].index_copy_(d, torch.tensor(list(idx), device=v.device), v.to(state[k].dtype))
-        else:
-            out[k] = v
-    return out
-
 
 #: param-group keys LearnedOptimizer reads or that torch itself adds (schedulers: initial_lr)
 _GROUP_KEYS = {"lr", "weight_decay", "param_names", "initial_lr"}
@@ -159,6 +89,19 @@ def _check_group(group: dict, rule: Rule, where: str) -> None:
                       f"default, is the step as meta-trained; it is not Adam's learning rate), so "
                       f"every step is {1 / lr:.0f}x smaller; omit lr unless you mean that",
                       UserWarning, stacklevel=4)
+
+
+class _Active(NamedTuple):
+    """What one step moves: the tensors with a gradient (``idx`` into all of them, None when all
+    have one) and their share of spec, state, theta and param-group settings."""
+    idx: Optional[List[int]]
+    spec: FlatSpec
+    params: List[Tensor]
+    grads: List[Tensor]
+    state: State
+    theta: Params
+    lrs: List[float]
+    decays: List[float]
 
 
 class _ParamState(defaultdict):
@@ -241,14 +184,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule, theta, meta = load_rule(path)
         opt = cls(params, rule=rule, theta=theta if not rule.spec_dependent else None, **kwargs)
         if rule.spec_dependent:
-            stored = meta.get("spec") or []
-            for (n, s), (m, t) in zip(stored, zip(opt.spec.names, opt.spec.shapes)):
-                if tuple(s) != tuple(t):
-                    raise CheckpointError(f"{path}: rule was trained for parameter {n!r} of shape {s}; "
-                                          f"this model's {m!r} has shape {list(t)}")
-            if len(stored) != opt.spec.num_tensors:
-                raise CheckpointError(f"{path}: rule was trained for {len(stored)} parameter tensors; "
-                                      f"this model has {opt.spec.num_tensors}")
+            why = spec_mismatch(meta.get("spec"), opt.spec)
+            if why:
+                raise CheckpointError(f"{path}: {why}")
             check_theta(theta, opt.theta, where=str(path))
             opt.theta = {k: v.to(opt.theta[k].device) for k, v in theta.items()}
         return opt
@@ -306,12 +244,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             new_names = self._names[old_spec.num_tensors:]
             with torch.no_grad():
                 fresh = self.rule.init(dict(zip(new_names, new)))
-            layout = {k: _layout(v, old_spec) for k, v in flat.items()}
-            ext = {}
-            for k, v in flat.items():
-                kind, d = layout[k]
-                ext[k] = torch.cat([v, fresh[k].to(v)], dim=d) if kind != _GLOBAL else v
-            self._flat = ext
+            self._flat = Layout(self.rule.state_layout, flat, old_spec).extend(flat, fresh)
             self._views_stale = True
 
     # -- per-parameter state ---------------------------------------------------------------------
@@ -341,19 +274,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def state(self, value):
         self.__dict__["state"] = value
 
+    def _layout(self, flat: State) -> Layout:
+        """How the flat state maps onto the parameters (the rule's declaration)."""
+        return Layout(self.rule.state_layout, flat, self.spec)
+
     def _write_views(self, st) -> None:
         self.__dict__["_views_stale"] = False
         st.clear()
         flat = self._flat
         if flat is None:
             return
-        spec, plist, offs = self.spec, self._plist(), _offsets(self.spec)
-        layout = {k: _layout(v, spec) for k, v in flat.items()}
-        for i, p in enumerate(plist):
-            st[p] = {k: _split(v, *layout[k], spec, i, offs[i]) for k, v in flat.items()}
+        layout = self._layout(flat)
+        for i, p in enumerate(self._plist()):
+            st[p] = {k: layout.part(k, v, i) for k, v in flat.items()}
 
     def _assemble(self) -> None:
-        """Rebuild the flat rule state from per-parameter entries (after load_state_dict)."""
+        """Rebuild the flat rule state from per-parameter entries (after load_state_dict); a
+        tensor without saved state gets the rule's fresh init."""
         st = self.__dict__["state"]
         plist = self._plist()
         if not any(st.get(p) for p in plist):
@@ -361,14 +298,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return
         with torch.no_grad():
             expected = self.rule.init(dict(zip(self._names, plist)))
-        spec = self.spec
+        layout = self._layout(expected)
         flat = {}
         for k, ref in expected.items():
-            kind, d = _layout(ref, spec)
-            pieces = []
-            offs = _offsets(spec)
+            parts = []
             for i, p in enumerate(plist):
-                want = _split(ref, kind, d, spec, i, offs[i])
+                want = layout.part(k, ref, i)
                 got = st.get(p, {}).get(k)
                 if got is None:
                     got = want  # no saved state for this tensor: fresh init
@@ -377,15 +312,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"state_dict['state'][{i}][{k!r}] has shape "
                         f"{list(got.shape) if isinstance(got, Tensor) else type(got).__name__}, "
                         f"this optimizer expects {list(want.shape)} for parameter {self._names[i]!r}")
-                pieces.append(got.to(device=ref.device, dtype=ref.dtype))
-            if kind == _GLOBAL:
-                first = next((st[p][k] for p in plist if st.get(p) and k in st[p]), ref)
-                flat[k] = first.to(device=ref.device, dtype=ref.dtype).clone()
-            elif kind == _COORD:
-                flat[k] = torch.cat([q.reshape(tuple(ref.shape[:d]) + (n,) + tuple(ref.shape[d + 1:]))
-                                     for q, n in zip(pieces, spec.numels)], dim=d).clone()
-            else:
-                flat[k] = torch.stack(pieces, dim=d).clone()
+                if got is not want or layout.kinds[k] != GLOBAL:  # shared: the first saved
+                    parts.append(got)
+            flat[k] = layout.assemble(k, ref, parts or [ref])
         self._flat = flat
         self._views_stale = True
 
@@ -425,55 +354,65 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.rule.needs_activations and self._recorder is None:
             raise ValueError(f"rule {self.rule.name!r} uses activation features and no model is "
                              f"attached (a copied/unpickled optimizer has no hooks): call opt.attach(model)")
-        plist = self._plist()
-        self._rule_state()
-        active = [i for i, p in enumerate(plist) if p.grad is not None]
-        if not active:
-            return loss
-        full = len(active) == len(plist)
-        spec = self.spec if full else FlatSpec(tuple(self._names[i] for i in active),
-                                               tuple(self.spec.shapes[i] for i in active))
-        layout = None if full else {k: _layout(v, self.spec) for k, v in self._flat.items()}
-        state = self._flat if full else _gather(self._flat, layout, self.spec, active)
-        theta = self.theta
-        if not full and self.rule.spec_dependent:
-            tl = {k: _layout(v, self.spec) for k, v in theta.items()}
-            theta = _gather(theta, tl, self.spec, active)
-        ps = plist if full else [plist[i] for i in active]
-        gs = [p.grad for p in ps]
-        scales = [float(g["lr"]) for g in self.param_groups for _ in g["params"]]
-        if not full:
-            scales = [scales[i] for i in active]
+        active = self._select_active()
+        if active is not None:
+            ctx, kept = self._context(active, loss)
+            new_state = {**self._apply(active, ctx), **kept}
+            self._flat = new_state if active.idx is None else \
+                self._layout(self._flat).write_(self._flat, new_state, active.idx)
+            self._views_stale = True
+        return loss
 
+    def _select_active(self) -> Optional["_Active"]:
+        """The parameters this step moves -- those with a gradient, as torch.optim skips the
+        others -- with their share of the rule state (and of a spec-dependent theta), or None."""
+        plist = self._plist()
+        flat = self._rule_state()
+        idx = [i for i, p in enumerate(plist) if p.grad is not None]
+        if not idx:
+            return None
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        spec, state, theta = self.spec, flat, self.theta
+        if len(idx) < len(plist):
+            spec = FlatSpec(tuple(spec.names[i] for i in idx), tuple(spec.shapes[i] for i in idx))
+            state = self._layout(flat).select(flat, idx)
+            if self.rule.spec_dependent:
+                theta = Layout(self.rule.theta_layout, theta, self.spec, "theta").select(theta, idx)
+            plist, groups = [plist[i] for i in idx], [groups[i] for i in idx]
+        else:
+            idx = None
+        return _Active(idx, spec, plist, [p.grad for p in plist], state, theta,
+                       [float(g["lr"]) for g in groups],
+                       [float(g.get("weight_decay", 0.0)) for g in groups])
+
+    def _context(self, active: "_Active", loss):
+        """The rule's ``ctx``, and the state entries to keep as they were. Without a closure, a
+        rule that reads the loss gets a neutral one (its running mean, so the surprise is 0) and
+        its loss statistics are kept."""
         lval = loss.detach() if isinstance(loss, Tensor) else (
             torch.as_tensor(loss) if loss is not None else None)
-        saved_stats = None
+        kept = {}
         if self.rule.needs_loss and lval is None:
-            # neutral loss: the running mean (surprise 0); the statistics are restored below
-            saved_stats = {k: state[k].clone() for k in _LOSS_STAT_KEYS if k in state}
-            ref = state.get("loss_mean")
-            lval = ref.clone() if isinstance(ref, Tensor) else ps[0].new_zeros(())
+            kept = {k: active.state[k].clone() for k in _LOSS_STAT_KEYS if k in active.state}
+            ref = active.state.get("loss_mean")
+            lval = ref.clone() if isinstance(ref, Tensor) else active.params[0].new_zeros(())
         ctx = {"loss": lval,
                "act": dict(self._recorder.stats) if self._recorder is not None else None}
-        decays = [float(g.get("weight_decay", 0.0)) for g in self.param_groups for _ in g["params"]]
-        if not full:
-            decays = [decays[i] for i in active]
-        if any(decays):  # absent when all zero: the update is exactly the rule's own
-            ctx["weight_decay"] = decays
+        if any(active.decays):  # absent when all zero: the update is exactly the rule's own
+            ctx["weight_decay"] = active.decays
+        return ctx, kept
 
-        if self._can_step_(ps, state, gs):
-            new_state = self.rule.step_(theta, ps, gs, state, spec, ctx, scales)
-        else:
-            updates, new_state = self.rule.update(theta, dict(zip(spec.names, gs)), state,
-                                                  dict(zip(spec.names, ps)), ctx)
-            for p, n, s in zip(ps, spec.names, scales):
-                u = updates[n].to(p.dtype)
-                p.add_(u, alpha=s) if s != 1.0 else p.add_(u)
-        if saved_stats:
-            new_state = {**new_state, **saved_stats}
-        self._flat = new_state if full else _scatter_(self._flat, new_state, layout, self.spec, active)
-        self._views_stale = True
-        return loss
+    def _apply(self, a: "_Active", ctx) -> State:
+        """Move the active parameters by the rule's update, scaled by their group's ``lr``
+        (through the in-place fast path where it applies); returns the rule's new state."""
+        if self._can_step_(a.params, a.state, a.grads):
+            return self.rule.step_(a.theta, a.params, a.grads, a.state, a.spec, ctx, a.lrs)
+        updates, new_state = self.rule.update(a.theta, dict(zip(a.spec.names, a.grads)), a.state,
+                                              dict(zip(a.spec.names, a.params)), ctx)
+        for p, n, s in zip(a.params, a.spec.names, a.lrs):
+            u = updates[n].to(p.dtype)
+            p.add_(u, alpha=s) if s != 1.0 else p.add_(u)
+        return new_state
 
     # -- serialization ------------------------------------------------------------------------------
     def state_dict(self):

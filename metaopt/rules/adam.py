@@ -3,7 +3,8 @@
     m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
     p <- p - lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
 (epsilon outside the square root, after bias correction -- torch's placement, which differs
-from higher's Adam.) State: ``step``, ``m`` [N], ``v`` [N].
+from higher's Adam.) State: ``step``, ``m`` [N], ``v`` [N]. Built from the shared pieces of
+:mod:`metaopt.rules.compose` (Adam's direction, a learned rate).
 
 ``step_`` is the in-place no-grad fast path (see :mod:`metaopt.rules.base`) that
 :class:`metaopt.optim.LearnedOptimizer` uses: like ``torch.optim.Adam(foreach=True)`` it
@@ -16,22 +17,12 @@ import math
 
 import torch
 
-from metaopt.rules.base import Rule, default_scales, flat_views, register_rule
-from metaopt.types import FlatSpec, safe_sqrt
-
-
-def adam_direction(g, m, v, step, b1, b2, eps):
-    """One Adam moment update on flat tensors. Returns (direction, m, v) with step = t (>= 1)."""
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    bc1 = 1 - b1 ** step
-    bc2 = 1 - b2 ** step
-    d = (m / bc1) / (safe_sqrt(v) / torch.sqrt(bc2) + eps)
-    return d, m, v
+from metaopt.rules.base import default_scales, flat_views, register_rule
+from metaopt.rules.compose import AdamDirection, Chain, LearnedLR
 
 
 @register_rule
-class Adam(Rule):
+class Adam(Chain):
     """``torch.optim.Adam`` as a rule (torch's epsilon placement, L2 weight decay), with a
     learnable ``log_lr``."""
     name = "adam"
@@ -49,28 +40,11 @@ class Adam(Rule):
         if weight_decay < 0:
             raise ValueError(f"Invalid weight_decay: {weight_decay}")
         self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, beta1, beta2, eps, weight_decay
+        self.direction, self.scale, self.l2 = AdamDirection(beta1, beta2, eps), LearnedLR(lr), weight_decay
 
     def config(self):
         return dict(lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                     weight_decay=self.weight_decay)
-
-    def init_theta(self, spec, generator=None):
-        return {"log_lr": torch.tensor(math.log(self.lr))}
-
-    def init(self, params):
-        p = FlatSpec.of(params).flatten(params)
-        return {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
-
-    def update(self, theta, grads, state, params, ctx=None):
-        spec = FlatSpec.of(params)
-        g, p = spec.flatten(grads), spec.flatten(params)
-        if self.weight_decay:
-            g = g + self.weight_decay * p
-        step = state["step"] + 1
-        d, m, v = adam_direction(g, state["m"], state["v"], step.to(g.dtype),
-                                 self.beta1, self.beta2, self.eps)
-        lr = torch.exp(theta["log_lr"]).to(g.dtype)
-        return spec.unflatten(-lr * d), {"step": step, "m": m, "v": v}
 
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):

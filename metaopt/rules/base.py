@@ -13,7 +13,9 @@ tensors, so the same code runs (a) inside a differentiable, vmapped meta-trainin
 rule unrolls through one engine and its hyperparameters can be meta-learned.
 
 State is a flat ``dict[str, Tensor]`` (not a NamedTuple) so it round-trips through safetensors
-and ``torch.optim.Optimizer.state_dict`` without pickling; each rule documents its keys.
+and ``torch.optim.Optimizer.state_dict`` without pickling; each rule documents its keys and
+declares their layout in ``state_layout`` (per coordinate, per tensor or global), from which
+:class:`metaopt.optim.LearnedOptimizer` presents the state per parameter.
 
 Optional in-place fast path
 ---------------------------
@@ -80,6 +82,13 @@ class Rule:
     #: coefficient per tensor, from the param groups of :class:`metaopt.optim.LearnedOptimizer`);
     #: a rule without it rejects a nonzero group ``weight_decay``
     supports_weight_decay: ClassVar[bool] = False
+    #: how each ``state`` key maps onto the parameters: ``"coord"`` (last dim over the N flat
+    #: coordinates), ``"tensor"`` (last dim over the T tensors) or ``"global"`` (shared); see
+    #: :mod:`metaopt.rules.layout`. Keys that an option leaves out may be declared anyway.
+    #: ``None`` (not declared) makes :class:`metaopt.optim.LearnedOptimizer` guess from shapes.
+    state_layout: Optional[Mapping[str, str]] = None
+    #: the same for ``theta``, needed by spec-dependent rules only (theta per tensor/coordinate)
+    theta_layout: Optional[Mapping[str, str]] = None
 
     def init_theta(self, spec: FlatSpec, generator: Optional[torch.Generator] = None) -> Params:
         raise NotImplementedError

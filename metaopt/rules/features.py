@@ -18,9 +18,12 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from metaopt.activations import NUM_ACT_FEATURES
+from metaopt.rules.layout import GLOBAL
 from metaopt.types import FlatSpec, State, segment_mean
 
-NUM_ACT = 2  # log-RMS of layer input and output (see metaopt.activations.ActivationRecorder)
+#: the layout of :func:`init_surprise_state`'s entries (for a rule's ``state_layout``)
+SURPRISE_LAYOUT = {"loss_mean": GLOBAL, "loss_var": GLOBAL}
 
 
 def normalize_per_tensor(x: Tensor, seg: Tensor, num_tensors: int, eps: float = 1e-8) -> Tensor:
@@ -35,12 +38,12 @@ def time_features(step: Tensor, taus: Sequence[float]) -> Tensor:
 
 
 def act_features(spec: FlatSpec, ctx: Optional[Mapping], dtype, device) -> Tensor:
-    """[num_tensors, NUM_ACT]; zeros for tensors without recorded statistics."""
+    """[num_tensors, NUM_ACT_FEATURES]; zeros for tensors without recorded statistics."""
     act = (ctx or {}).get("act") or {}
     rows = []
     for n in spec.names:
         v = act.get(n)
-        rows.append(v.to(dtype) if v is not None else torch.zeros(NUM_ACT, dtype=dtype, device=device))
+        rows.append(v.to(dtype) if v is not None else torch.zeros(NUM_ACT_FEATURES, dtype=dtype, device=device))
     return torch.stack(rows)
 
 

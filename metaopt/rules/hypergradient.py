@@ -10,18 +10,16 @@ state: ``lr`` (scalar, the adapted :math:`\alpha_{t}`; read only after the first
 uses :math:`\exp(\text{log\_lr0})`), ``step``, and the direction / moments over the flat
 parameter vector (``dir`` and ``buf`` for sgd_hd; ``m``, ``v`` for adam_hd).
 
+Both are a direction (:class:`~metaopt.rules.compose.Momentum`,
+:class:`~metaopt.rules.compose.AdamDirection`) chained with
+:class:`~metaopt.rules.compose.HypergradientLR` (:mod:`metaopt.rules.compose`).
 One learning rate covers all parameters (one parameter group). Both rules match
 :class:`metaopt.optim.SGDHD` / :class:`metaopt.optim.AdamHD` step for step.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import torch
-
-from metaopt.rules.base import Rule, register_rule
-from metaopt.types import FlatSpec, safe_sqrt
+from metaopt.rules.base import register_rule
+from metaopt.rules.compose import AdamDirection, Chain, HypergradientLR, Momentum
 
 
 def _check(lr0, beta):
@@ -31,18 +29,8 @@ def _check(lr0, beta):
         raise ValueError(f"Invalid beta: {beta} (expected beta > 0; it is learned as a log)")
 
 
-def _hd_theta(lr0, beta):
-    return {"log_lr0": torch.tensor(math.log(lr0)), "log_beta": torch.tensor(math.log(beta))}
-
-
-def _adapted_lr(theta, state, h, dtype):
-    lr_prev = torch.where(state["step"] == 0, torch.exp(theta["log_lr0"]).to(dtype),
-                          state["lr"].to(dtype))
-    return lr_prev + torch.exp(theta["log_beta"]).to(dtype) * h
-
-
 @register_rule
-class SGDHDRule(Rule):
+class SGDHDRule(Chain):
     """SGD-HD (``momentum > 0``: SGD with heavy-ball momentum, direction = momentum buffer)."""
 
     name = "sgd_hd"
@@ -52,36 +40,15 @@ class SGDHDRule(Rule):
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}")
         self.lr0, self.beta, self.momentum = float(lr0), float(beta), float(momentum)
+        self.direction = Momentum(self.momentum, keep_buffer=False, remember=True)
+        self.scale = HypergradientLR(self.lr0, self.beta)
 
     def config(self):
         return dict(lr0=self.lr0, beta=self.beta, momentum=self.momentum)
 
-    def init_theta(self, spec: FlatSpec, generator: Optional[torch.Generator] = None):
-        return _hd_theta(self.lr0, self.beta)
-
-    def init(self, params):
-        p = FlatSpec.of(params).flatten(params)
-        state = {"step": p.new_zeros(()), "lr": p.new_zeros(()), "dir": torch.zeros_like(p)}
-        if self.momentum:
-            state["buf"] = torch.zeros_like(p)
-        return state
-
-    def update(self, theta, grads, state, params, ctx=None):
-        spec = FlatSpec.of(params)
-        g = spec.flatten(grads)
-        lr = _adapted_lr(theta, state, (g * state["dir"]).sum(-1), g.dtype)
-        new = {"step": state["step"] + 1, "lr": lr}
-        if self.momentum:
-            buf = torch.where(state["step"] == 0, g, self.momentum * state["buf"] + g)
-            d = new["buf"] = buf
-        else:
-            d = g
-        new["dir"] = d
-        return spec.unflatten(-lr * d), new
-
 
 @register_rule
-class AdamHDRule(Rule):
+class AdamHDRule(Chain):
     """Adam-HD: Adam (epsilon after bias correction, as torch) with a hypergradient-adapted rate."""
 
     name = "adam_hd"
@@ -97,31 +64,9 @@ class AdamHDRule(Rule):
             raise ValueError(f"Invalid eps: {eps}")
         self.lr0, self.beta = float(lr0), float(beta)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.direction = AdamDirection(self.beta1, self.beta2, self.eps)
+        self.scale = HypergradientLR(self.lr0, self.beta)
 
     def config(self):
         return dict(lr0=self.lr0, beta=self.beta, beta1=self.beta1, beta2=self.beta2,
                     eps=self.eps)
-
-    def init_theta(self, spec: FlatSpec, generator: Optional[torch.Generator] = None):
-        return _hd_theta(self.lr0, self.beta)
-
-    def _direction(self, m, v, t):
-        return (m / (1 - self.beta1 ** t)) / (safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps)
-
-    def init(self, params):
-        p = FlatSpec.of(params).flatten(params)
-        return {"step": p.new_zeros(()), "lr": p.new_zeros(()), "m": torch.zeros_like(p),
-                "v": torch.zeros_like(p)}
-
-    def update(self, theta, grads, state, params, ctx=None):
-        spec = FlatSpec.of(params)
-        g = spec.flatten(grads)
-        step = state["step"].to(g.dtype)
-        # previous direction u_{t-1} from the stored moments; m = 0 at step 0 gives u_0 = 0
-        # (the counter is clamped to 1 only to keep the bias corrections finite there)
-        u_prev = self._direction(state["m"], state["v"], torch.clamp(step, min=1.0))
-        lr = _adapted_lr(theta, state, (g * u_prev).sum(-1), g.dtype)
-        m = self.beta1 * state["m"] + (1 - self.beta1) * g
-        v = self.beta2 * state["v"] + (1 - self.beta2) * g * g
-        d = self._direction(m, v, step + 1)
-        return spec.unflatten(-lr * d), {"step": state["step"] + 1, "lr": lr, "m": m, "v": v}

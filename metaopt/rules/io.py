@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,8 @@ from metaopt.rules.base import Rule, make_rule
 from metaopt.types import FlatSpec, Params
 
 __all__ = ["PRETRAINED_DIR", "CheckpointError", "save_tensors", "load_tensors", "write_json",
-           "read_json", "save_rule", "load_rule", "resolve_rule_path", "check_theta"]
+           "read_json", "save_rule", "load_rule", "resolve_rule_path", "check_theta",
+           "spec_mismatch"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -105,3 +106,18 @@ def check_theta(theta: Params, expected: Params, where: str = "checkpoint") -> N
         if tuple(theta[k].shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{where}: theta[{k!r}] has shape {list(theta[k].shape)}, "
                                   f"rule expects {list(expected[k].shape)}")
+
+
+def spec_mismatch(stored: Optional[Sequence], spec: FlatSpec, names: bool = False) -> Optional[str]:
+    """Why a spec-dependent rule trained for ``stored`` (a checkpoint's ``spec``: ``[name,
+    shape]`` pairs) does not fit the parameters ``spec``, or None when it fits. Shapes and the
+    number of tensors must agree; with ``names``, the parameter names too."""
+    stored = [(n, tuple(s)) for n, s in (stored or [])]
+    for (n, s), (m, t) in zip(stored, zip(spec.names, spec.shapes)):
+        if s != tuple(t) or (names and n != m):
+            return (f"rule was trained for parameter {n!r} of shape {list(s)}; this model's {m!r} "
+                    f"has shape {list(t)}")
+    if len(stored) != spec.num_tensors:
+        return (f"rule was trained for {len(stored)} parameter tensors; this model has "
+                f"{spec.num_tensors}")
+    return None

@@ -17,10 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from metaopt.rules.adam import adam_direction
+from metaopt.activations import NUM_ACT_FEATURES
 from metaopt.rules.base import Rule, register_rule
-from metaopt.rules.features import (NUM_ACT, act_features, init_surprise_state, loss_surprise,
-                                    require_loss)
+from metaopt.rules.compose import AdamDirection
+from metaopt.rules.features import (SURPRISE_LAYOUT, act_features, init_surprise_state,
+                                    loss_surprise, require_loss)
+from metaopt.rules.layout import COORD, GLOBAL, TENSOR
 from metaopt.types import FlatSpec
 
 
@@ -30,6 +32,8 @@ class LayerwiseLR(Rule):
     [num_steps, num_tensors]."""
     name = "layerwise_lr"
     spec_dependent = True
+    state_layout = {"step": GLOBAL, **AdamDirection.state_layout, **SURPRISE_LAYOUT}
+    theta_layout = {"log_lr": TENSOR, "w_act": GLOBAL, "w_loss": GLOBAL}
 
     def __init__(self, lr: float = 0.01, num_steps: int = 20, direction: str = "sgd",
                  act_features: bool = False, loss_features: bool = False,
@@ -44,6 +48,7 @@ class LayerwiseLR(Rule):
         self.act_features, self.loss_features = bool(act_features), bool(loss_features)
         self.needs_activations, self.needs_loss = self.act_features, self.loss_features
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.adam = AdamDirection(beta1, beta2, eps) if direction == "adam" else None
 
     def config(self):
         return dict(lr=self.lr, num_steps=self.num_steps, direction=self.direction,
@@ -53,7 +58,7 @@ class LayerwiseLR(Rule):
     def init_theta(self, spec, generator=None):
         theta = {"log_lr": torch.full((self.num_steps, spec.num_tensors), math.log(self.lr))}
         if self.act_features:
-            theta["w_act"] = torch.zeros(NUM_ACT)
+            theta["w_act"] = torch.zeros(NUM_ACT_FEATURES)
         if self.loss_features:
             theta["w_loss"] = torch.zeros(())
         return theta
@@ -61,8 +66,8 @@ class LayerwiseLR(Rule):
     def init(self, params):
         p = FlatSpec.of(params).flatten(params)
         state = {"step": p.new_zeros(())}
-        if self.direction == "adam":
-            state.update(m=torch.zeros_like(p), v=torch.zeros_like(p))
+        if self.adam is not None:
+            state.update(self.adam.init(p))
         if self.loss_features:
             state.update(init_surprise_state(p))
         return state
@@ -90,10 +95,9 @@ class LayerwiseLR(Rule):
             s, mean, var = loss_surprise(state, require_loss(ctx, self.name))
             log_lr = log_lr + theta["w_loss"].to(g.dtype) * s
             new_state.update(loss_mean=mean, loss_var=var)
-        if self.direction == "adam":
-            d, m, v = adam_direction(g, state["m"], state["v"], new_state["step"].to(g.dtype),
-                                     self.beta1, self.beta2, self.eps)
-            new_state.update(m=m, v=v)
+        if self.adam is not None:
+            d, moments = self.adam(g, state, new_state["step"].to(g.dtype))
+            new_state.update(moments)
         else:
             d = g
         lr = torch.exp(log_lr)[spec.segment_ids(g.device)]
@@ -106,6 +110,8 @@ class PerParameterLR(Rule):
     per coordinate."""
     name = "per_param_lr"
     spec_dependent = True
+    state_layout = {"step": GLOBAL}
+    theta_layout = {"log_lr": COORD}
 
     def __init__(self, lr: float = 0.01):
         if lr <= 0:

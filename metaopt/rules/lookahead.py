@@ -24,13 +24,11 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from metaopt.rules.base import Rule, make_rule, register_rule
+from metaopt.rules.compose import nest, nest_layout, unnest
+from metaopt.rules.layout import COORD, GLOBAL
 from metaopt.types import FlatSpec
 
 _INNER = "inner."
-
-
-def _sub(d: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
 def _resolve_rule(inner) -> Rule:
@@ -66,17 +64,22 @@ class LookaheadRule(Rule):
         self.needs_activations = self.inner.needs_activations
         self.needs_loss = self.inner.needs_loss
         self.spec_dependent = self.inner.spec_dependent
+        inner_layout = nest_layout(_INNER, self.inner.state_layout)
+        self.state_layout = None if inner_layout is None else \
+            {**inner_layout, "slow": COORD, "step": GLOBAL}
+        theta_layout = nest_layout(_INNER, self.inner.theta_layout)
+        self.theta_layout = None if theta_layout is None else {**theta_layout, "alpha_logit": GLOBAL}
 
     def config(self) -> Dict[str, Any]:
         return {"inner": self.inner.describe(), "k": self.k, "alpha": self.alpha}
 
     def init_theta(self, spec: FlatSpec, generator: Optional[torch.Generator] = None):
-        theta = {_INNER + k: v for k, v in self.inner.init_theta(spec, generator).items()}
+        theta = nest(_INNER, self.inner.init_theta(spec, generator))
         theta["alpha_logit"] = torch.tensor(math.log(self.alpha / (1.0 - self.alpha)))
         return theta
 
     def init(self, params):
-        state = {_INNER + k: v for k, v in self.inner.init(params).items()}
+        state = nest(_INNER, self.inner.init(params))
         flat = FlatSpec.of(params).flatten(params)
         state["slow"] = flat.clone()
         state["step"] = flat.new_zeros(())
@@ -85,7 +88,7 @@ class LookaheadRule(Rule):
     def update(self, theta, grads, state, params, ctx=None):
         spec = FlatSpec.of(params)
         inner_updates, inner_state = self.inner.update(
-            _sub(theta, _INNER), grads, _sub(state, _INNER), params, ctx)
+            unnest(_INNER, theta), grads, unnest(_INNER, state), params, ctx)
         p = spec.flatten(params)
         fast = p + spec.flatten(inner_updates).to(p.dtype)
         step = state["step"] + 1
@@ -94,7 +97,7 @@ class LookaheadRule(Rule):
         slow = state["slow"]
         moved = slow + alpha * (fast - slow)
         new_p = torch.where(sync, moved, fast)
-        new_state = {_INNER + k: v for k, v in inner_state.items()}
+        new_state = nest(_INNER, inner_state)
         new_state["slow"] = torch.where(sync, moved, slow)
         new_state["step"] = step
         return spec.unflatten(new_p - p), new_state

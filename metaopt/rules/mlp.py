@@ -28,9 +28,12 @@ import math
 
 import torch
 
+from metaopt.activations import NUM_ACT_FEATURES
 from metaopt.rules.base import Rule, default_scales, register_rule
-from metaopt.rules.features import (NUM_ACT, act_features, init_surprise_state, loss_surprise,
-                                    normalize_per_tensor, require_loss, time_features)
+from metaopt.rules.features import (SURPRISE_LAYOUT, act_features, init_surprise_state,
+                                    loss_surprise, normalize_per_tensor, require_loss,
+                                    time_features)
+from metaopt.rules.layout import COORD, GLOBAL
 from metaopt.types import FlatSpec, safe_sqrt
 
 
@@ -77,6 +80,8 @@ class MLPRule(Rule):
     """learned_optimization's per-coordinate MLP optimizer: normalized per-coordinate
     features in, ``direction * exp(magnitude * 1e-3) * 1e-3`` out."""
     name = "mlp"
+    #: ``m`` is [len(decays), N]: one momentum per decay, per coordinate
+    state_layout = {"step": GLOBAL, "m": COORD, "v": COORD, **SURPRISE_LAYOUT}
     #: coordinates per window in ``step_``
     chunk_rows: int = 16384
 
@@ -112,7 +117,7 @@ class MLPRule(Rule):
         k = len(self.decays)
         n = 2 + k + 1 + 1 + k + 1  # p, g, m_k, rms, g/rms, m_k/rms, vector flag
         n += len(self.time_taus)
-        n += NUM_ACT if self.act_features else 0
+        n += NUM_ACT_FEATURES if self.act_features else 0
         n += 1 if self.loss_features else 0
         return n
 

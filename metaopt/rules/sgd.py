@@ -3,23 +3,22 @@
 Matches ``torch.optim.SGD`` update for update:
     g <- g + wd * p;  b <- g (first step) | mu * b + (1 - dampening) * g;
     d <- g + mu * b (nesterov) | b;   p <- p - lr * d
-State: ``step`` (scalar), ``buf`` [N] (momentum buffer, flat view).
+State: ``step`` (scalar), ``buf`` [N] (momentum buffer, flat view). Built from the shared
+pieces of :mod:`metaopt.rules.compose` (a momentum direction, a learned rate).
 
 ``step_`` is the in-place no-grad fast path (see :mod:`metaopt.rules.base`): per-tensor
 (``torch._foreach_*``) ops on the gradients and on views of the flat momentum buffer.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from metaopt.rules.base import Rule, add_scaled_, default_scales, flat_views, register_rule
-from metaopt.types import FlatSpec
+from metaopt.rules.base import add_scaled_, default_scales, flat_views, register_rule
+from metaopt.rules.compose import Chain, LearnedLR, Momentum
 
 
 @register_rule
-class SGD(Rule):
+class SGD(Chain):
     """``torch.optim.SGD`` as a rule (momentum, dampening, Nesterov, L2 weight decay), with
     a learnable ``log_lr``."""
     name = "sgd"
@@ -36,33 +35,12 @@ class SGD(Rule):
             raise ValueError("Invalid nesterov: needs momentum > 0 and dampening = 0")
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
+        self.direction = Momentum(momentum, dampening, nesterov, keep_buffer=True)
+        self.scale, self.l2 = LearnedLR(lr), weight_decay
 
     def config(self):
         return dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening,
                     nesterov=self.nesterov, weight_decay=self.weight_decay)
-
-    def init_theta(self, spec, generator=None):
-        return {"log_lr": torch.tensor(math.log(self.lr))}
-
-    def init(self, params):
-        spec = FlatSpec.of(params)
-        p = spec.flatten(params)
-        return {"step": p.new_zeros(()), "buf": torch.zeros_like(p)}
-
-    def update(self, theta, grads, state, params, ctx=None):
-        spec = FlatSpec.of(params)
-        g, p = spec.flatten(grads), spec.flatten(params)
-        if self.weight_decay:
-            g = g + self.weight_decay * p
-        buf = state["buf"]
-        if self.momentum:
-            new = self.momentum * buf + (1 - self.dampening) * g
-            buf = torch.where(state["step"] == 0, g, new)
-            d = g + self.momentum * buf if self.nesterov else buf
-        else:
-            d = g
-        lr = torch.exp(theta["log_lr"]).to(g.dtype)
-        return spec.unflatten(-lr * d), {"step": state["step"] + 1, "buf": buf}
 
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
