@@ -37,7 +37,6 @@ PRIVATE_OK = {
 }
 TORCH_PRIVATE_OK = {
     "torch._foreach_",          # the multi-tensor kernels torch.optim itself uses; no public API
-    "torch._C._functorch",      # is_batchedtensor (tasks/mlp.py): no public query under vmap
     "torch.utils._pytree",      # torchopt's pytrees (interop/torchopt.py); torch has no public one
     "torch._disable_dynamo",    # optim/lookahead.py: keeps dynamo out of in-place slow weights
     "torch._dynamo",

@@ -246,16 +246,6 @@ def compiled_step(rule, task, meta_loss: MetaLoss) -> Callable:
         _COMPILED[key] = eager
         return eager
     import torch._dynamo
-    from torch._dynamo.decorators import substitute_in_graph
-    if not getattr(compiled_step, "_registered", False):
-        # tasks.mlp asks functorch whether a tensor is vmapped (to pick a cross-entropy form);
-        # compiled steps are never vmapped, so the answer is "not wrapped" (same numbers)
-        try:
-            substitute_in_graph(torch._C._functorch.is_functorch_wrapped_tensor,
-                                skip_signature_check=True)(lambda t: False)
-        except Exception:  # already registered / API moved: dynamo then graph-breaks there
-            pass
-        compiled_step._registered = True
     fn = torch.compile(eager, dynamic=False)
     state = {"ok": None}
 
