@@ -98,6 +98,15 @@ class Interleaved(Scheme):
         return dict(mode=self.mode, max_forward_params=self.max_forward_params,
                     use_vmap=self.use_vmap)
 
+    def backprop_truncation(self, theta=None) -> int:
+        """1 in one-step mode; forward mode has no backpropagated window."""
+        if self.mode == "forward":
+            raise ValueError("scheme=interleaved with mode=forward (use scheme.mode=one_step)")
+        if theta is not None and self.resolve_mode(theta) != "one_step":
+            raise ValueError("scheme=interleaved in forward mode (theta is small enough for "
+                             "mode=auto to pick it: set scheme.mode=one_step)")
+        return 1
+
     def resolve_mode(self, theta: Params) -> str:
         if self.mode != "auto":
             return self.mode

@@ -237,26 +237,19 @@ class LocalMeta(Scheme):
             raise ValueError(f"Invalid local.meta: {meta!r} (use one of {', '.join(META_MODES)})")
         if not 0.0 <= float(mix) <= 1.0:
             raise ValueError(f"Invalid local.mix: {mix} (must be in [0, 1])")
-        if meta != "global" and base.name not in ("nested", "interleaved"):
-            raise ValueError(f"local.meta={meta!r} is not supported by scheme={base.name!r} "
-                             f"(use scheme=nested or scheme=interleaved, or local.meta=global)")
-        if meta != "global" and base.name == "interleaved" and base.mode == "forward":
-            raise ValueError(f"local.meta={meta!r} is not supported by scheme=interleaved with "
-                             f"mode=forward (use scheme.mode=one_step)")
         self.base, self.meta, self.mix = base, meta, float(mix)
-        self.name, self.window = base.name, base.window
+        if meta != "global":
+            self._truncation(None)   # fail at construction where the scheme already says no
+        self.name, self.window, self.use_vmap = base.name, base.window, base.use_vmap
 
     def config(self) -> dict:
         return self.base.config()
 
     def _truncation(self, theta) -> int:
-        if self.base.name == "interleaved":
-            if self.base.resolve_mode(theta) != "one_step":
-                raise ValueError(f"local.meta={self.meta!r} is not supported by scheme=interleaved "
-                                 f"in forward mode (theta is small enough for mode=auto to pick it: "
-                                 f"set scheme.mode=one_step)")
-            return 1
-        return self.base.truncation
+        try:
+            return self.base.backprop_truncation(theta)
+        except ValueError as err:
+            raise ValueError(f"local.meta={self.meta!r} is not supported by {err}") from None
 
     def estimate(self, rule, theta, slots, meta_loss):
         ml = get_meta_loss(meta_loss)
@@ -265,17 +258,11 @@ class LocalMeta(Scheme):
         check_rule(rule, self.meta)
         T = self._truncation(theta)
         if self.meta == "local":
-            return local_window(rule, theta, slots, T, ml, self.base.use_vmap)
+            return local_window(rule, theta, slots, T, ml, self.use_vmap)
         # mixed: both estimators on the same window (the slots' generators replayed)
         gens = [s.gen.get_state() for s in slots]
         g_glob, _ = self.base.estimate(rule, theta, slots, EndMetaLoss.of(ml))
         for s, st in zip(slots, gens):
             s.gen.set_state(st)
-        g_loc, outs = local_window(rule, theta, slots, T, ml, self.base.use_vmap)
+        g_loc, outs = local_window(rule, theta, slots, T, ml, self.use_vmap)
         return {k: (1 - self.mix) * g_glob[k] + self.mix * g_loc[k] for k in theta}, outs
-
-
-def with_local(scheme: Scheme, meta: str = "global", mix: float = 0.5) -> Scheme:
-    """``scheme`` wrapped for ``local.meta`` (always wrapped: even ``global`` must score the end
-    loss when the inner loss has local terms)."""
-    return LocalMeta(scheme, meta, mix)

@@ -35,6 +35,9 @@ class Nested(Scheme):
     def config(self):
         return dict(truncation=self.truncation, use_vmap=self.use_vmap, checkpoint=self.checkpoint)
 
+    def backprop_truncation(self, theta=None) -> int:
+        return self.truncation
+
     def window_losses(self, rule, theta, slots: List[Slot], meta_loss) -> List[UnrollOut]:
         """Per-slot UnrollOut results (differentiable w.r.t. theta), in slot order."""
         return backprop_window(rule, theta, slots, self.truncation, get_meta_loss(meta_loss),

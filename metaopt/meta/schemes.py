@@ -9,7 +9,7 @@ the slot engine (metaopt.meta.engine). Schemes never import each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple, Type, Union
+from typing import Dict, List, Optional, Tuple, Type, Union
 
 from torch import Tensor
 
@@ -78,6 +78,17 @@ class Scheme:
     name = "scheme"
     #: inner steps each slot advances per outer step
     window: int = 1
+    #: whether same-signature slots run as one vmapped call (schemes that offer the choice)
+    use_vmap: bool = True
+
+    def backprop_truncation(self, theta: Optional[Params] = None) -> int:
+        """The inner steps over which this scheme backpropagates its meta-loss through the
+        unroll (its truncation): what a wrapper that swaps in another reverse-mode estimator
+        over the same window (local meta-gradients, :mod:`metaopt.meta.local`) needs. ``theta``
+        None: as far as known before training. A scheme that estimates otherwise (perturbations,
+        an ODE, forward mode) raises ValueError saying so (``"scheme=... (use ...)"``)."""
+        raise ValueError(f"scheme={self.name!r} (use scheme=nested or scheme=interleaved, or "
+                         f"local.meta=global)")
 
     def estimate(self, rule, theta: Params, slots: List[Slot],
                  meta_loss: MetaLoss) -> Tuple[Dict[str, Tensor], List[UnrollOut]]:
