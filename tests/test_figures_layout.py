@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from metaopt.cli.evaluate import _grid  # noqa: E402
+from metaopt.viz.plots import panel_grid as _grid  # noqa: E402
 from metaopt.viz.plots import plot_eval_curves, plot_loss_curves, plot_sweep  # noqa: E402
 from metaopt.viz.sweep import SweepRun  # noqa: E402
 

@@ -117,7 +117,7 @@ def to_markdown(rows: List[Dict]) -> str:
 def eval_sweep_table(sweep_dir: Path) -> str:
     """An ``metaopt-eval -m optimizer=...`` sweep: merge the jobs' results.csv into one table
     (rows shared by every job -- the learned rule, Adam at the reference lr -- counted once)."""
-    from metaopt.cli.evaluate import summarize, _write_csv
+    from metaopt.meta.evaluate import summarize, write_csv
     seen, rows = set(), []
     for path in sorted(sweep_dir.rglob("results.csv")):
         with open(path, newline="") as f:
@@ -131,7 +131,7 @@ def eval_sweep_table(sweep_dir: Path) -> str:
                 rows.append(r)
     if not rows:
         raise ValueError(f"sweep_dir: no runs (no metrics.csv or results.csv) under {sweep_dir}")
-    _write_csv(sweep_dir / "report.csv", rows)
+    write_csv(sweep_dir / "report.csv", rows)
     curves = []
     for path in sorted(sweep_dir.rglob("curves.csv")):
         if path.parent == sweep_dir:
@@ -145,7 +145,7 @@ def eval_sweep_table(sweep_dir: Path) -> str:
             if key not in seen:
                 seen.add(key)
                 merged.append(r)
-        _write_csv(sweep_dir / "curves.csv", merged)
+        write_csv(sweep_dir / "curves.csv", merged)
         from metaopt.viz import plot_eval_curves
         plot_eval_curves(merged, sweep_dir / "curves.png")
     return summarize(rows)

@@ -6,13 +6,15 @@ baseline from ``conf/optimizer`` plugs in unchanged.
 """
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from metaopt.tasks.base import Task
+from metaopt.tasks.base import Task, TaskFamily
 
 
 @dataclass
@@ -94,3 +96,53 @@ def tune_lr(task: Task, factory: Callable[[float], Callable], grid: Sequence[flo
         if best is None or r.final_valid < best.final_valid:
             best = r
     return best
+
+
+def compare(families: Sequence[Tuple[str, TaskFamily]], seeds: Sequence[int],
+            runs: Callable[[Task, int], List[RunResult]]) -> Tuple[List[Dict], List[Dict]]:
+    """``runs(task, seed)`` on the task of every seed of every ``(name, family)``: one results row
+    per task x optimizer and the validation curves, as ``metaopt-eval`` writes them."""
+    results, curves = [], []
+    for fam_name, family in families:
+        for seed in seeds:
+            task = family.sample_seeded(seed)
+            for r in runs(task, seed):
+                results.append(dict(family=fam_name, task_seed=seed, structure=str(task.structure),
+                                    optimizer=r.optimizer, lr=r.lr, final_valid=r.final_valid,
+                                    final_test=r.final_test, diverged=r.diverged))
+                curves += [dict(family=fam_name, task_seed=seed, optimizer=r.optimizer, step=s,
+                                valid_loss=v) for s, v in zip(r.steps, r.valid_losses)]
+    return results, curves
+
+
+def summarize(results: List[Dict]) -> str:
+    """Markdown table: mean final valid/test loss per family x optimizer, and how often each
+    optimizer beats Adam at the reference learning rate on the same task."""
+    ref = {(r["family"], r["task_seed"]): r["final_valid"] for r in results
+           if r["optimizer"].startswith("adam@")}
+    rows: Dict = {}
+    for r in results:
+        d = rows.setdefault((r["family"], r["optimizer"]), {"v": [], "t": [], "w": 0, "lr": []})
+        d["v"].append(r["final_valid"])
+        d["t"].append(r["final_test"])
+        d["w"] += int(r["final_valid"] < ref.get((r["family"], r["task_seed"]), math.inf))
+        if r["lr"] is not None:
+            d["lr"].append(r["lr"])
+    lines = ["| family | optimizer | mean valid loss | mean test loss | beats adam@ref | lrs chosen |",
+             "|---|---|---|---|---|---|"]
+    for (fam, opt), d in rows.items():
+        n = len(d["v"])
+        lrs = ",".join(f"{x:g}" for x in d["lr"]) if d["lr"] else "-"
+        beats = "-" if opt.startswith("adam@") else f"{d['w']}/{n}"
+        lines.append(f"| {fam} | {opt} | {sum(d['v']) / n:.4f} | {sum(d['t']) / n:.4f} | {beats} | {lrs} |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: List[Dict]) -> None:
+    """``rows`` (dicts with the first row's keys) as a CSV file with a header; nothing when empty."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

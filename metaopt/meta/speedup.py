@@ -228,3 +228,87 @@ def evaluate_speedup(task: Task, problem: str, seed: int, optimizers: Dict[str, 
     curves["adam_envelope"] = Curve("adam_envelope", task.name, seed, list(env_steps),
                                     list(env_losses))
     return rows, curves
+
+
+def run_suite(problems: Sequence[str], seeds: Sequence[int], optimizers: Dict[str, Callable],
+              steps: int, k: int, adam_lrs: Sequence[float], eval_every: int, eval_examples: int,
+              cache_dir: Optional[Path] = None, log: Optional[Callable[..., None]] = None):
+    """:func:`evaluate_speedup` on every seed of every problem of the held-out suite: the
+    speedup rows (dicts) and the running-min training curves, as ``metaopt-eval
+    --config-name=suite`` writes them (speedup.csv, curves.csv)."""
+    import time
+
+    from metaopt.tasks import make_family
+    say = log or (lambda *a: None)
+    rows, curve_rows = [], []
+    for problem in problems:
+        family = make_family("suite", problem=problem)
+        for seed in seeds:
+            say("%s seed %d", problem, seed)
+            t0 = time.perf_counter()
+            task = family.sample_seeded(seed)
+            r, curves = evaluate_speedup(task, problem, int(seed), optimizers, int(steps), int(k),
+                                         list(adam_lrs), int(eval_every), int(eval_examples),
+                                         cache_dir, log=say)
+            say("%s seed %d: %.0fs", problem, seed, time.perf_counter() - t0)
+            rows += [vars(x) for x in r]
+            for name, c in curves.items():
+                curve_rows += [dict(problem=problem, seed=seed, optimizer=name, step=st,
+                                    train_loss=v) for st, v in zip(c.steps, c.running_min())]
+    return rows, curve_rows
+
+
+def _median(v: List[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def summarize_speedup(rows: List[Dict], S: int) -> str:
+    """Markdown: per problem the loss at S, speedup and validation loss of each optimizer next to
+    tuned Adam's; then per optimizer the IQM / median / min speedup, how many runs reach 1x,
+    divergences and how often its validation loss is no worse than tuned Adam's; then, head to
+    head, on how many problems the first optimizer (the learned one, when evaluated) is faster
+    than each other one (speedup averaged over the seeds of a problem)."""
+    lines = [f"| problem | optimizer | train loss @{S} | speedup | valid @{S} | "
+             f"adam(tuned) valid @{S} (lr) | diverged |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['problem']} (seed {r['seed']}) | {r['optimizer']} | {r['loss_at_S']:.4g} | "
+                     f"{r['speedup']:.2f} | {r['valid_at_S']:.4g} | {r['adam_valid_at_S']:.4g} "
+                     f"({r['adam_lr_valid']:g}) | {'yes' if r['diverged'] else 'no'} |")
+    # two references for validation loss: the Adam the speedup is measured against (lr tuned on
+    # training loss at S) and Adam with its lr tuned, in hindsight, on validation loss at S
+    ref_train = {(r["problem"], r["seed"]): r["valid_at_S"] for r in rows
+                 if r["optimizer"] == "adam(tuned)"}
+    lines += ["", "| optimizer | tasks | IQM speedup | median | min | >= 1x | diverged | "
+                  "valid <= adam(lr tuned on train loss) | valid <= adam(lr tuned on valid loss) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    opts = list(dict.fromkeys(r["optimizer"] for r in rows))
+    for opt in opts:
+        rs = [r for r in rows if r["optimizer"] == opt]
+        sp = sorted(r["speedup"] for r in rs)
+        ok_t = sum(r["valid_at_S"] <= ref_train[(r["problem"], r["seed"])] for r in rs)
+        ok_v = sum(r["valid_at_S"] <= r["adam_valid_at_S"] for r in rs)
+        lines.append(f"| {opt} | {len(rs)} | {iqm(sp):.3f} | {_median(sp):.3f} | {sp[0]:.3f} | "
+                     f"{sum(v >= 1.0 for v in sp)} | {sum(bool(r['diverged']) for r in rs)} | "
+                     f"{ok_t}/{len(rs)} | {ok_v}/{len(rs)} |")
+    others = [o for o in opts[1:] if o != "adam(tuned)"]
+    if opts and others:
+        first = opts[0]
+        per = {}   # (optimizer, problem) -> mean speedup over its seeds
+        for r in rows:
+            per.setdefault((r["optimizer"], r["problem"]), []).append(r["speedup"])
+        mean = {k: sum(v) / len(v) for k, v in per.items()}
+        probs = list(dict.fromkeys(r["problem"] for r in rows if r["optimizer"] == first))
+        lines += ["", f"| {first} vs | problems | {first} faster | tied | {first} slower | "
+                      f"speedup ratio (median over problems) |", "|---|---|---|---|---|---|"]
+        for o in others:
+            both = [p for p in probs if (o, p) in mean]
+            a = [mean[(first, p)] for p in both]
+            b = [mean[(o, p)] for p in both]
+            ratios = [x / y for x, y in zip(a, b) if y > 0]
+            ratio = f"{_median(ratios):.2f}" if ratios else "-"
+            lines.append(f"| {o} | {len(both)} | {sum(x > y for x, y in zip(a, b))} | "
+                         f"{sum(x == y for x, y in zip(a, b))} | "
+                         f"{sum(x < y for x, y in zip(a, b))} | {ratio} |")
+    return "\n".join(lines)

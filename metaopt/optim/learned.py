@@ -181,13 +181,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def from_pretrained(cls, params, name_or_path: Union[str, Path] = DEFAULT_RULE, **kwargs):
         """Load a rule checkpoint directory (theta.safetensors + rule.json), or a shipped name."""
         path = resolve_rule_path(name_or_path)
-        rule, theta, meta = load_rule(path)
+        return cls.from_loaded(params, *load_rule(path), where=str(path), **kwargs)
+
+    @classmethod
+    def from_loaded(cls, params, rule: Rule, theta: Params, meta: dict, where: str = "checkpoint",
+                    **kwargs):
+        """From a checkpoint already read by :func:`metaopt.rules.io.load_rule` (``rule, theta,
+        meta``), e.g. once for many models; a spec-dependent rule is checked against them."""
         opt = cls(params, rule=rule, theta=theta if not rule.spec_dependent else None, **kwargs)
         if rule.spec_dependent:
             why = spec_mismatch(meta.get("spec"), opt.spec)
             if why:
-                raise CheckpointError(f"{path}: {why}")
-            check_theta(theta, opt.theta, where=str(path))
+                raise CheckpointError(f"{where}: {why}")
+            check_theta(theta, opt.theta, where=where)
             opt.theta = {k: v.to(opt.theta[k].device) for k, v in theta.items()}
         return opt
 

@@ -410,3 +410,44 @@ def plot_response_surface(surface: ResponseSurface, path: Optional[PathLike] = N
     legend_outside(axes[0][-1])
     fig.suptitle(title or f"response of rule {s.rule!r}")
     return _finish(fig, path)
+
+
+def panel_grid(n: int) -> Tuple[int, int]:
+    """(rows, cols) for n panels with as few empty cells as possible (none when n <= 5)."""
+    if n <= 5:
+        return 1, max(n, 1)
+    cols = min((5, 4, 3), key=lambda c: ((-n) % c, -c))
+    return -(-n // cols), cols
+
+
+def plot_suite_curves(curve_rows: List[Dict], S: int, path: Path) -> None:
+    """One panel per (problem, seed) of the held-out suite: each optimizer's running-min
+    training loss up to step ``S``, tuned Adam dashed on top; one legend for the figure."""
+    keys = list(dict.fromkeys((r["problem"], r["seed"]) for r in curve_rows))
+    nrows, cols = panel_grid(len(keys))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+    seeds = {s for _, s in keys}
+    for ax, (prob, seed) in zip(axes.flat, keys):
+        sel = [r for r in curve_rows if r["problem"] == prob and r["seed"] == seed]
+        curves, steps = {}, None
+        for opt in dict.fromkeys(r["optimizer"] for r in sel):
+            pts = [(r["step"], r["train_loss"]) for r in sel if r["optimizer"] == opt and r["step"] <= S]
+            st = [p[0] for p in pts]
+            steps = st if steps is None or len(st) < len(steps) else steps
+            curves[opt] = [p[1] for p in pts]
+        n = len(steps)
+        plot_loss_curves({k: np.array(v[:n], dtype=float) for k, v in curves.items()}, steps,
+                         ax=ax, ylabel="train loss (running min)", legend=False,
+                         title=prob if len(seeds) == 1 else f"{prob} (seed {seed})")
+        for line in ax.get_lines():   # tuned Adam lies on the envelope: dashed, on top
+            if line.get_label().startswith("adam(tuned)"):
+                line.set_linestyle("--")
+                line.set_zorder(5)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    for ax in axes[:, 1:].flat:
+        ax.set_ylabel("")
+    figure_legend(fig, axes.flat[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
