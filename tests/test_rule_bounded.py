@@ -19,10 +19,10 @@ from metaopt.types import FlatSpec
 from tests.helpers import TinyFamily, controller_theta as _theta, unroll_log_loss as _unroll_loss
 
 
-@pytest.mark.parametrize("max_relative", [0.0, 0.9])
-def test_meta_gradient_matches_central_finite_differences(max_relative):
+@pytest.mark.parametrize("max_relative,adapt_range", [(0.0, 0.0), (0.9, 0.0), (0.0, 3.0)])
+def test_meta_gradient_matches_central_finite_differences(max_relative, adapt_range):
     rule = make_rule("anchored", hidden_size=8, lr_matrix=0.05, lr_vector=0.02, warmup=3.0,
-                     max_relative=max_relative)
+                     max_relative=max_relative, adapt_range=adapt_range)
     task = TinyFamily().sample_seeded(3)
     spec = FlatSpec.from_shapes(task.param_shapes())
     theta = {k: v.requires_grad_(True) for k, v in _theta(rule, spec).items()}
@@ -44,9 +44,9 @@ def test_meta_gradient_matches_central_finite_differences(max_relative):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("decay", [False, True])
-@pytest.mark.parametrize("max_relative", [0.0, 0.9])
-def test_fast_path_equals_reference(dtype, decay, max_relative):
-    rule = make_rule("anchored", max_relative=max_relative)
+@pytest.mark.parametrize("max_relative,adapt_range", [(0.0, 0.0), (0.9, 0.0), (0.0, 8.0)])
+def test_fast_path_equals_reference(dtype, decay, max_relative, adapt_range):
+    rule = make_rule("anchored", max_relative=max_relative, adapt_range=adapt_range)
     g = torch.Generator().manual_seed(0)
     shapes = {"c.weight": (4, 2, 3, 3), "a.weight": (7, 5), "a.bias": (7,), "n.weight": (7,),
               "b.weight": (3, 7)}
@@ -67,8 +67,10 @@ def test_fast_path_equals_reference(dtype, decay, max_relative):
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for k in shapes:
         torch.testing.assert_close(p_fast[k], p_ref[k], rtol=tol, atol=tol)
-    for k in ("m", "v", "step", "rms0"):
+    for k in ("m", "v", "step", "rms0") + (("h",) if adapt_range else ()):
         torch.testing.assert_close(st_fast[k], st_ref[k], rtol=tol, atol=tol)
+    if adapt_range:
+        assert float(st_ref["h"].abs().max()) > 0.1   # the adaptation really moved
 
 
 def test_fresh_rule_is_adam_with_anchored_rates_and_warmup():
@@ -105,11 +107,12 @@ def test_fresh_rule_is_adam_with_anchored_rates_and_warmup():
         torch.testing.assert_close(p[k], ref[k], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("max_relative", [0.0, 0.9])
-def test_matrix_updates_are_invariant_to_weight_reparameterization(max_relative):
+@pytest.mark.parametrize("max_relative,adapt_range", [(0.0, 0.0), (0.9, 0.0), (0.0, 8.0)])
+def test_matrix_updates_are_invariant_to_weight_reparameterization(max_relative, adapt_range):
     """w = s w': the step on w' maps to the same step on w (anchor, current scale and Adam
     direction all scale with s), up to the floor term, switched off here."""
-    rule = make_rule("anchored", floor=1e-30, eps=1e-30, max_relative=max_relative)
+    rule = make_rule("anchored", floor=1e-30, eps=1e-30, max_relative=max_relative,
+                     adapt_range=adapt_range)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64)
     theta = _theta(rule, FlatSpec.of({"w": w}))
@@ -122,6 +125,67 @@ def test_matrix_updates_are_invariant_to_weight_reparameterization(max_relative)
         u2, st2 = rule.update(theta, {"w": s * gw}, st2, p2)
         p1, p2 = {"w": p1["w"] + u1["w"]}, {"w": p2["w"] + u2["w"]}
     torch.testing.assert_close(s * p2["w"], p1["w"], rtol=1e-9, atol=1e-12)
+
+
+def test_fresh_adaptation_is_adam_with_a_hypergradient_log_rate():
+    """Independent reference for ``adapt_range``: per tensor, ``h <- clip(h + gain * cos(d_{t-1},
+    g_t), +-range)`` with ``d = m_hat / (sqrt(v_hat) + eps)`` the last Adam direction, and the
+    anchored rate multiplied by ``exp(h)``."""
+    rule = make_rule("anchored", lr_matrix=0.05, lr_vector=0.01, floor=0.2, warmup=4.0,
+                     adapt_range=1.5, adapt_gain=0.4)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (5, 3), "b": (5,)}
+    params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    theta = rule.init_theta(FlatSpec.of(params), g)
+    lr_mat, lr_vec, floor, tau, gain = (math.exp(float(theta[k])) for k in (
+        "log_lr_matrix", "log_lr_vector", "log_floor", "log_warmup", "log_adapt_gain"))
+    state = rule.init(params)
+    ref = {k: v.clone() for k, v in params.items()}
+    m = {k: torch.zeros_like(v) for k, v in params.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    d_prev = {k: torch.zeros_like(v) for k, v in params.items()}
+    h = {k: 0.0 for k in params}
+    rms0 = float(params["w"].pow(2).mean().sqrt())
+    p, clipped = dict(params), False
+    drift = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    for t in range(1, 40):   # a persistent gradient direction: the rates grow to the bound
+        grads = {k: drift[k] + 0.3 * torch.randn(s, generator=g, dtype=torch.float64)
+                 for k, s in shapes.items()}
+        upd, state = rule.update(theta, grads, state, p)
+        p = {k: p[k] + upd[k] for k in p}
+        for k, gk in grads.items():
+            cos = float((d_prev[k] * gk).sum()) / (float(d_prev[k].norm() * gk.norm()) + 1e-300)
+            h[k] = min(1.5, max(-1.5, h[k] + gain * cos))
+            clipped |= h[k] == 1.5
+            m[k] = 0.9 * m[k] + 0.1 * gk
+            v2[k] = 0.999 * v2[k] + 0.001 * gk * gk
+            base = lr_vec if k == "b" else lr_mat * (rms0 + floor / math.sqrt(3))
+            lr = base * (1 - math.exp(-t / tau)) * math.exp(h[k])
+            d = (m[k] / (1 - 0.9 ** t)) / ((v2[k] / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            ref[k] = ref[k] - lr * d
+            d_prev[k] = d
+    assert clipped
+    torch.testing.assert_close(state["h"], torch.tensor([h["w"], h["b"]], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    for k in shapes:
+        torch.testing.assert_close(p[k], ref[k], rtol=1e-12, atol=1e-14)
+
+
+def test_adaptation_lowers_the_rate_when_steps_oscillate():
+    """Without momentum, a rate far too large for the problem makes the iterate jump across the
+    minimum every step (the gradient flips sign): cos(d_{t-1}, g_t) = -1 drives h down until the
+    iterates settle (beta2 small: the steps are sign(g) times the rate)."""
+    rule = make_rule("anchored", lr_vector=0.5, adapt_range=8.0, warmup=1.0, beta1=0.0, beta2=0.01)
+    x = {"x": torch.full((4,), 3.2, dtype=torch.float64)}   # sign-like steps of 0.5 overshoot 0
+    theta = rule.init_theta(FlatSpec.of(x), torch.Generator().manual_seed(0))
+    state = rule.init(x)
+    for _ in range(200):
+        u, state = rule.update(theta, {"x": 50.0 * x["x"]}, state, x)
+        x = {"x": x["x"] + u["x"]}
+    assert float(state["h"]) < -1.0
+    assert float(x["x"].abs().max()) < 1e-2
+    with pytest.raises(ValueError, match="adapt_range"):
+        make_rule("anchored", adapt_range=11.0)
 
 
 def _step_sizes(rule_name, steps=300, **kwargs):

@@ -203,6 +203,7 @@ class AnchoredRuleConf(PerTensorRuleConf):
     max_relative: float = 0.0
     adapt_range: float = 0.0
     adapt_gain: float = 0.3
+    adapt_down: Optional[float] = None
 
 
 @dataclass

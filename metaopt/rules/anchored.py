@@ -15,16 +15,23 @@ robust by construction on models unlike the ones it was meta-trained on:
   (``tau`` learned, between 1 and 200 steps), so the first, poorly estimated Adam steps
   (``m / sqrt(v) = sign(g)`` at step 1) cannot overshoot a fresh problem.
 * **AdamW's decoupled weight decay**, per param group, at the learned rate (see below).
+* **Online rate adaptation** (``adapt_range > 0``): each tensor keeps a log-rate ``h_i`` that it
+  integrates from the hypergradient signal ``cos(d_{t-1}, g_t)`` (last step's Adam direction
+  against the new gradient: positive when steps are too short, negative when they overshoot),
+  ``h_i <- clip(h_i + gain * cos, -adapt_range, adapt_range)``, and the rate is multiplied by
+  ``exp(h_i)``. So the rule finds each problem's rate level within a factor ``e^adapt_range``
+  of its base, whatever the model; the bound keeps the step finite and the controller sees
+  ``h_i / adapt_range``. ``gain`` is meta-learned (``log_adapt_gain``).
 
 Per parameter tensor ``i`` at step ``t``:
 
     m <- b1 m + (1-b1) g,   v <- b2 v + (1-b2) g^2
     d   = (m / (1-b1^t) + c_i g) / (sqrt(v / (1-b2^t)) + eps)
-    lr_i = exp(log_lr_k + a_i) * anchor_i * (1 - exp(-t / tau))         k = matrix | vector
+    lr_i = exp(log_lr_k + a_i + h_i) * anchor_i * (1 - exp(-t / tau))   k = matrix | vector
     anchor_i = RMS(p_0,i) + exp(log_floor) / sqrt(fan_in_i)   (matrices);   1 (vectors)
     p  <- p - lr_i * d - wd * lr_i * p                                   (wd: the group's weight_decay)
 
-``(a_i, c_i)`` are the tanh-bounded outputs (``|a_i| <= max_log_mult``, ``|c_i| <= 1``) of an
+(``h_i = 0`` without ``adapt_range``.) ``(a_i, c_i)`` are the tanh-bounded outputs (``|a_i| <= max_log_mult``, ``|c_i| <= 1``) of an
 MLP on per-tensor features that are all invariant to rescaling a tensor's weights and
 gradients: ``cos(m_{t-1}, g_t)``, the gradient's signal-to-noise ``log(|m|^2 / sum v)``, a
 gradient spike ``log(|g|^2 / sum v)``, the vector flag, the growth ``log((RMS(p_t) + f) /
@@ -39,7 +46,8 @@ decays about as much as ``AdamW(lr=1e-3, weight_decay=0.01)``, and the decay fol
 schedule (warm-up included). ``weight_decay=0`` (the default) leaves the update untouched.
 
 State: ``step`` (scalar), ``m``, ``v`` ([N], per coordinate), ``rms0`` ([T], per tensor: RMS of
-each tensor when the state was created).
+each tensor when the state was created) and, with ``adapt_range``, ``h`` ([T], the adapted
+log-rates).
 """
 from __future__ import annotations
 
@@ -81,7 +89,7 @@ class AnchoredRule(PerTensorRule):
                  floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 2.0,
                  warmup: float = 5.0, max_relative: float = 0.0, adapt_range: float = 0.0,
-                 adapt_gain: float = 0.3):
+                 adapt_gain: float = 0.3, adapt_down: Optional[float] = None):
         super().__init__(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
                          floor=floor, beta1=beta1, beta2=beta2, eps=eps, time_taus=time_taus,
                          max_log_mult=max_log_mult)
@@ -97,11 +105,16 @@ class AnchoredRule(PerTensorRule):
         if not adapt_gain > 0:
             raise ValueError(f"Invalid adapt_gain: {adapt_gain} (must be > 0)")
         self.adapt_range, self.adapt_gain = float(adapt_range), float(adapt_gain)
+        adapt_down = self.adapt_range if adapt_down is None else float(adapt_down)
+        if not 0.0 <= adapt_down <= ADAPT_MAX:
+            raise ValueError(f"Invalid adapt_down: {adapt_down} (must be in [0, {ADAPT_MAX:g}])")
+        self.adapt_down = adapt_down
 
     def config(self):
         cfg = {**super().config(), "warmup": self.warmup, "max_relative": self.max_relative}
         if self.adapt_range:
-            cfg.update(adapt_range=self.adapt_range, adapt_gain=self.adapt_gain)
+            cfg.update(adapt_range=self.adapt_range, adapt_gain=self.adapt_gain,
+                       adapt_down=self.adapt_down)
         return cfg
 
     @property
@@ -132,11 +145,11 @@ class AnchoredRule(PerTensorRule):
         return state
 
     def _adapt(self, theta, h_prev: Tensor, dg: Tensor, dd: Tensor, gg: Tensor) -> Tensor:
-        """The adapted log-rate ``h`` [T]: ``clamp(h_prev + gain * cos(d_{t-1}, g_t), +-range)``
+        """The adapted log-rate ``h`` [T]: ``clamp(h_prev + gain * cos(d_{t-1}, g_t), -down, range)``
         from ``dg = <d_{t-1}, g_t>`` and ``dd = |d_{t-1}|^2`` (``gg = |g_t|^2``)."""
         cos = dg * torch.rsqrt(dd * gg + TINY)
         gain = torch.exp(theta["log_adapt_gain"].to(cos.dtype))
-        return (h_prev + gain * cos).clamp(-self.adapt_range, self.adapt_range)
+        return (h_prev + gain * cos).clamp(-self.adapt_down, self.adapt_range)
 
     def _prev_direction(self, m_prev: Tensor, v_prev: Tensor, step_prev: Tensor) -> Tensor:
         """Last step's Adam direction up to a per-tensor factor: ``m / (sqrt(v / bc2) + eps)``
