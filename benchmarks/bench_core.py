@@ -44,7 +44,8 @@ from common import header, median, ms, set_threads, spread, time_calls, time_int
 import higher  # noqa: E402
 import torchopt  # noqa: E402
 
-from metaopt.meta.nested import Nested, sample_window  # noqa: E402
+from metaopt.meta.engine import sample_window  # noqa: E402
+from metaopt.meta.nested import Nested  # noqa: E402
 from metaopt.meta.slots import Slot, new_slot  # noqa: E402
 from metaopt.optim.learned import LearnedOptimizer  # noqa: E402
 from metaopt.rules import make_rule  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from metaopt.meta.distributed import Distributed
-from metaopt.meta.checkpoint import load_tensors
+from metaopt.rules.io import load_tensors
 from tests.dist_worker import build
 
 ROOT = Path(__file__).resolve().parents[1]

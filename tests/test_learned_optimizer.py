@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from metaopt.meta.checkpoint import CheckpointError, save_rule
+from metaopt.rules.io import CheckpointError, save_rule
 from metaopt.optim import LearnedOptimizer
 from metaopt.rules import make_rule
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metaopt.meta import MetaTrainer, TrainConfig, make_scheme
-from metaopt.meta.checkpoint import load_rule
+from metaopt.rules.io import load_rule
 from metaopt.meta.nested import Nested
 from metaopt.rules import make_rule
 from metaopt.tasks.base import Task, TaskFamily
@@ -171,7 +171,7 @@ def test_optimizer_state_dict_survives_json_and_safetensors_exactly(tmp_path, ma
     """The trainer stores the outer optimizer's own state_dict: tensors to safetensors, the tree
     (int keys, tuples, None) to JSON -- no pickle -- and gets back the same dict, so a resumed
     optimizer takes bit-identical steps."""
-    from metaopt.meta.checkpoint import load_tensors, read_json, save_tensors, write_json
+    from metaopt.rules.io import load_tensors, read_json, save_tensors, write_json
     from metaopt.meta.trainer import tree_from_json, tree_to_json
     ps = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
           torch.randn(4, dtype=torch.float64, requires_grad=True)]

@@ -24,7 +24,7 @@ def config_dir() -> str:
 
 def one_line_errors(fn):
     """Bad input (config values, checkpoints) ends the run with 'error: ...' on one line."""
-    from metaopt.meta.checkpoint import CheckpointError
+    from metaopt.rules.io import CheckpointError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

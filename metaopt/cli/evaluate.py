@@ -29,7 +29,7 @@ register_resolvers()
 
 
 def _resolve_checkpoint(path: str):
-    from metaopt.meta.checkpoint import CheckpointError, load_rule, resolve_rule_path
+    from metaopt.rules.io import CheckpointError, load_rule, resolve_rule_path
     try:
         return load_rule(resolve_rule_path(path))
     except CheckpointError as e:

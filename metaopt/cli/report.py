@@ -33,7 +33,7 @@ def evaluate_run(run: Path, steps: int, tasks: int, seed: int) -> Dict[str, floa
     import torch
     from omegaconf import OmegaConf
     from metaopt.cli.config import DTYPES, build_family
-    from metaopt.meta.checkpoint import load_rule
+    from metaopt.rules.io import load_rule
     from metaopt.meta.evaluate import train_task
     from metaopt.optim import LearnedOptimizer
 

@@ -7,12 +7,12 @@ delta, Hebbian, TTT gradient descent) or learned (a small write network).
 ``experiments`` (entry point ``metaopt-fastweights``)."""
 from metaopt.fastweights.layers import FastWeightProgrammer, FastWeightRNN
 from metaopt.fastweights.models import CapacityModel, RetrievalModel
-from metaopt.fastweights.rules import (CHUNKWISE_RULES, FEATURE_MAPS, RULES, WriteNet,
+from metaopt.fastweights.rules import (CHUNKWISE_RULES, FEATURE_MAPS, WRITE_RULES, WriteNet,
                                        delta_chunkwise, delta_recurrent, feature_map,
                                        hebbian_recurrent, learned_recurrent, sum_chunkwise,
                                        sum_recurrent, ttt_recurrent)
 
 __all__ = ["FastWeightRNN", "FastWeightProgrammer", "CapacityModel", "RetrievalModel",
-           "RULES", "CHUNKWISE_RULES", "FEATURE_MAPS", "WriteNet", "feature_map",
+           "WRITE_RULES", "CHUNKWISE_RULES", "FEATURE_MAPS", "WriteNet", "feature_map",
            "sum_recurrent", "sum_chunkwise", "delta_recurrent", "delta_chunkwise",
            "hebbian_recurrent", "ttt_recurrent", "learned_recurrent"]

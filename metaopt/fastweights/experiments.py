@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from metaopt.fastweights.models import CORES, CapacityModel, RetrievalModel
-from metaopt.fastweights.rules import CHUNKWISE_RULES, RULES
+from metaopt.fastweights.rules import CHUNKWISE_RULES, WRITE_RULES
 from metaopt.tasks.retrieval import capacity_batch, retrieval_splits
 
 
@@ -216,13 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     r.add_argument("--train-size", type=int, default=100_000,
         help="training sequences (valid 10,000, test 20,000)")
     r.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
-    r.add_argument("--rule", default="delta", choices=RULES, help="rule of the fwp core")
+    r.add_argument("--rule", default="delta", choices=WRITE_RULES, help="rule of the fwp core")
     r.add_argument("--form", default="attention", choices=["matrix", "attention"],
                    help="FastWeightRNN computation (equal results; attention is cheaper)")
     r.add_argument("--seed", type=int, default=0,
         help="seed of data and initialization")
     c = sub.add_parser("capacity", help="Schlag et al. capacity task (loss table)")
-    c.add_argument("--rules", nargs="+", default=["sum", "delta", "learned"], choices=RULES,
+    c.add_argument("--rules", nargs="+", default=["sum", "delta", "learned"], choices=WRITE_RULES,
         help="write rules to compare")
     c.add_argument("--keys", nargs="+", type=int, default=[20, 100, 120],
         help="numbers of keys N (one run per N and rule)")

@@ -107,8 +107,8 @@ class FastWeightProgrammer(nn.Module):
                  ttt_mini_batch: int = 16, ttt_lr: float = 1.0, ttt_norm: bool = True,
                  learned_hidden: int = 16):
         super().__init__()
-        if rule not in R.RULES:
-            raise ValueError(f"Unknown rule: {rule!r} (known: {', '.join(R.RULES)})")
+        if rule not in R.WRITE_RULES:
+            raise ValueError(f"Unknown rule: {rule!r} (known: {', '.join(R.WRITE_RULES)})")
         if mode not in ("recurrent", "chunkwise"):
             raise ValueError(f"Invalid mode: {mode!r} (use 'recurrent' or 'chunkwise')")
         if mode == "chunkwise" and rule not in R.CHUNKWISE_RULES:
@@ -139,16 +139,29 @@ class FastWeightProgrammer(nn.Module):
         B, T, _ = x.shape
         return x.reshape(B, T, self.n_heads, d).transpose(1, 2).reshape(B * self.n_heads, T, d)
 
+    def keys(self, x: Tensor) -> Tensor:
+        """Per-head keys of inputs ``x (B, T, input_size)``, feature-mapped and normalized as the
+        rule writes them: ``(B*H, T, d_feat)``."""
+        k = self._heads(self.k_proj(x), self.d_key)
+        return R.normalize_keys(R.feature_map(k, self.feature, self.nu), self.normalize)
+
+    def rates(self, x: Tensor) -> Optional[Tensor]:
+        """Raw per-head write rates of ``x``: ``(B*H, T)`` (None for ``sum``, which has none)."""
+        if self.rate is None:
+            return None
+        return self.rate(x).transpose(1, 2).reshape(-1, x.shape[1])
+
+    def write(self, x: Tensor, v: Tensor, W0: Optional[Tensor] = None) -> Tensor:
+        """The fast matrix ``W (B*H, dv, dk)`` after writing the per-head values ``v`` under the
+        keys and rates of ``x`` (no queries: read it with :meth:`read`)."""
+        _, W = self.program(None, self.keys(x), v, self.rates(x), W0)
+        return W
+
     def qkv(self, x: Tensor):
         q = self._heads(self.q_proj(x), self.d_key)
-        k = self._heads(self.k_proj(x), self.d_key)
         v = self._heads(self.v_proj(x), self.d_value)
         q = R.normalize_keys(R.feature_map(q, self.feature, self.nu), self.normalize)
-        k = R.normalize_keys(R.feature_map(k, self.feature, self.nu), self.normalize)
-        r = None
-        if self.rate is not None:
-            r = self.rate(x).transpose(1, 2).reshape(-1, x.shape[1])     # (B*H, T)
-        return q, k, v, r
+        return q, self.keys(x), v, self.rates(x)
 
     def program(self, q: Tensor, k: Tensor, v: Tensor, r: Optional[Tensor],
                 W0: Optional[Tensor] = None):

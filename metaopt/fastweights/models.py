@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.fastweights import rules as R
 from metaopt.fastweights.layers import FastWeightProgrammer, FastWeightRNN
 from metaopt.tasks.retrieval import RETRIEVAL_VOCAB
 
@@ -63,19 +62,12 @@ class CapacityModel(nn.Module):
                                         **rule_kwargs)
 
     def keys(self, ids: Tensor) -> Tensor:
-        f = self.fwp
-        k = f.k_proj(self.embed(ids))
-        return R.normalize_keys(R.feature_map(k, f.feature, f.nu), f.normalize)
+        return self.fwp.keys(self.embed(ids))
 
     def forward(self, batch: Dict[str, Tensor]) -> Tensor:
         """Retrieved values ``(B, N, d_value)``."""
-        f = self.fwp
-        e = self.embed(batch["write_keys"])
-        k = self.keys(batch["write_keys"])
-        r = f.rate(e).squeeze(-1) if f.rate is not None else None
-        _, W = f.program(None, k, batch["write_values"], r)
-        q = self.keys(batch["query_keys"])
-        return f.read(W, q)
+        W = self.fwp.write(self.embed(batch["write_keys"]), batch["write_values"])
+        return self.fwp.read(W, self.keys(batch["query_keys"]))
 
     def loss(self, batch: Dict[str, Tensor]) -> Tensor:
         return F.mse_loss(self(batch), batch["targets"])

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-RULES = ("sum", "delta", "hebbian", "ttt", "learned")
+#: the fast-weight write rules of FastWeightProgrammer (not metaopt.rules.RULES, the optimizer rules)
+WRITE_RULES = ("sum", "delta", "hebbian", "ttt", "learned")
 CHUNKWISE_RULES = ("sum", "delta")
 
 

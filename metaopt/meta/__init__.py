@@ -7,7 +7,7 @@ from metaopt.meta.es import ES, PES
 from metaopt.meta.unroll import META_LOSSES, MetaLoss, UnrollOut, inner_step, unroll
 from metaopt.meta.engine import SlotGroup, run_slots
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
-from metaopt.meta.checkpoint import CheckpointError, load_rule, save_rule
+from metaopt.rules.io import CheckpointError, load_rule, save_rule
 
 __all__ = ["SCHEMES", "Scheme", "SchemeOutput", "make_scheme", "register_scheme", "Nested",
            "Interleaved", "Continuous", "ES", "PES", "META_LOSSES", "MetaLoss", "UnrollOut",

@@ -10,11 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-# Rule serialization lives in rules/io.py (so optim/ can read checkpoints without importing meta/);
-# re-exported here so ``from metaopt.meta.checkpoint import load_rule`` keeps working.
-from metaopt.rules.io import (PRETRAINED_DIR, CheckpointError, check_theta, load_rule,  # noqa: F401
-                              load_tensors, read_json, resolve_rule_path, save_rule, save_tensors,
-                              write_json)
+# Rule serialization (save_rule, load_rule, safetensors/JSON helpers) lives in metaopt/rules/io.py,
+# so that optim/ can read checkpoints without importing meta/.
 
 
 # Atomic checkpoint directories: write into a temp sibling (``staging_dir``), then swap it in

@@ -30,22 +30,8 @@ from metaopt.types import Batch, Params, State
 
 
 def _draw(slot: Slot, split: str, n: int, keep_last: bool = False):
-    """``n`` batches of ``split`` stacked [n, ...] (the draws of ``Task.sample_batches``), written
-    into one preallocated tensor per part (no list-then-stack double copy); ``keep_last``: the
-    generator is advanced by all ``n`` draws but only the last batch is kept ([1, ...])."""
-    first = slot.task.sample_batch(split, slot.gen)
-    if keep_last:
-        last = first
-        for _ in range(n - 1):
-            last = slot.task.sample_batch(split, slot.gen)
-        return tuple(x.unsqueeze(0) for x in last)
-    out = tuple(torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device) for x in first)
-    for o, x in zip(out, first):
-        o[0] = x
-    for t in range(1, n):
-        for o, x in zip(out, slot.task.sample_batch(split, slot.gen)):
-            o[t] = x
-    return out
+    """``n`` batches of ``split`` from the slot's task and generator (``Task.sample_batches``)."""
+    return slot.task.sample_batches(split, n, slot.gen, keep_last)
 
 
 def sample_window(slot: Slot, T: int, need_valid: bool, last_valid: bool = False):

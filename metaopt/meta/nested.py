@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import List
 
-from metaopt.meta.engine import backprop_window, mean_meta_gradient, sample_window  # noqa: F401
+from metaopt.meta.engine import backprop_window, mean_meta_gradient
 from metaopt.meta.schemes import Scheme, register_scheme
 from metaopt.meta.slots import Slot
 from metaopt.meta.unroll import UnrollOut, get_meta_loss

@@ -25,9 +25,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from metaopt.meta.checkpoint import (CheckpointError, check_theta, commit_dir, load_tensors,
-                                     read_json, save_rule, save_tensors, staging_dir, staging_path,
-                                     write_json)
+from metaopt.meta.checkpoint import commit_dir, staging_dir, staging_path
+from metaopt.rules.io import (CheckpointError, check_theta, load_tensors, read_json, save_rule,
+                              save_tensors, write_json)
 from metaopt.meta.distributed import Distributed
 from metaopt.meta.schemes import Scheme
 from metaopt.meta.slots import Slot, new_slot

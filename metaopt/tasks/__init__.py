@@ -6,8 +6,8 @@ import difflib
 import inspect
 from typing import Dict, Type
 
-from metaopt.tasks.base import (SPLITS, ActivationRecorder, ArrayDataset, FixedFamily,
-                                SequenceDataset, Task, TaskFamily)
+from metaopt.activations import ActivationRecorder
+from metaopt.tasks.base import SPLITS, ArrayDataset, FixedFamily, SequenceDataset, Task, TaskFamily
 from metaopt.tasks.charlm import CharLMFamily, CharLMModule, CharLMTask
 from metaopt.tasks.conv import ConvModule, ConvTask, DigitsConvFamily
 from metaopt.tasks.data import (CharVocab, load_sklearn, load_text, make_dataset,

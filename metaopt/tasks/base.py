@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-# ActivationRecorder lives in metaopt/activations.py (optim/ uses it too); re-exported here.
-from metaopt.activations import NUM_ACT_FEATURES, STAT_LAYERS, ActivationRecorder  # noqa: F401
+from metaopt.activations import ActivationRecorder
 from metaopt.types import Batch, Params
 
 SPLITS = ("train", "valid", "test")
@@ -159,10 +158,25 @@ class Task:
     def sample_batch(self, split: str, generator: torch.Generator) -> Batch:
         return self.data.sample(split, self.batch_size, generator)
 
-    def sample_batches(self, split: str, n: int, generator: torch.Generator) -> Batch:
-        """``n`` batches stacked along a new leading dim (one per inner step)."""
-        bs = [self.sample_batch(split, generator) for _ in range(n)]
-        return tuple(torch.stack(parts) for parts in zip(*bs))
+    def sample_batches(self, split: str, n: int, generator: torch.Generator,
+                       keep_last: bool = False) -> Batch:
+        """``n`` batches stacked along a new leading dim (one per inner step), written into one
+        preallocated tensor per part; ``keep_last``: the generator advances by all ``n`` draws
+        but only the last batch is kept ([1, ...])."""
+        first = self.sample_batch(split, generator)
+        if keep_last:
+            last = first
+            for _ in range(n - 1):
+                last = self.sample_batch(split, generator)
+            return tuple(x.unsqueeze(0) for x in last)
+        out = tuple(torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+                    for x in first)
+        for o, x in zip(out, first):
+            o[0] = x
+        for t in range(1, n):
+            for o, x in zip(out, self.sample_batch(split, generator)):
+                o[t] = x
+        return out
 
     def full_batch(self, split: str) -> Batch:
         return self.data.full(split)
