@@ -3,13 +3,19 @@ meta/ and eval/. Typed fields mean a malformed value fails at composition with t
 ``build_*`` turn a composed config into objects and raise one-line errors naming the key."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+import collections.abc
+import inspect
+import typing
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from metaopt.meta import ES, PES, Continuous, Interleaved, Nested
 from metaopt.meta.trainer import DTYPES, TrainConfig
+from metaopt.rules import (SGD, Adam, AdamHDRule, AnchoredRule, LayerwiseLR, LookaheadRule,
+                           MLPRule, PerParameterLR, PerTensorRule, SGDHDRule)
 
 
 # -- task/ ------------------------------------------------------------------------------------
@@ -127,165 +133,81 @@ class MixtureConf(TaskConf):
     reparam_range: List[float] = field(default_factory=lambda: [0.1, 10.0])
 
 
-# -- rule/ ------------------------------------------------------------------------------------
+# -- rule/ and scheme/: generated from the constructors (hydra-zen's ``builds``) -----------------
 @dataclass
 class RuleConf:
     name: str = MISSING
 
 
 @dataclass
-class SGDRuleConf(RuleConf):
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-
-
-@dataclass
-class AdamRuleConf(RuleConf):
-    name: str = "adam"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-
-@dataclass
-class LayerwiseConf(RuleConf):
-    name: str = "layerwise_lr"
-    lr: float = 0.01
-    num_steps: int = 20
-    direction: str = "sgd"
-    act_features: bool = False
-    loss_features: bool = False
-
-
-@dataclass
-class PerParamConf(RuleConf):
-    name: str = "per_param_lr"
-    lr: float = 0.01
-
-
-@dataclass
-class MLPRuleConf(RuleConf):
-    name: str = "mlp"
-    hidden_size: int = 32
-    num_layers: int = 2
-    decays: List[float] = field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
-    rms_decay: float = 0.999
-    time_taus: List[float] = field(default_factory=lambda: [1, 3, 10, 30, 100, 300, 1000, 3000])
-    act_features: bool = True     # activation-aware: per-layer activation RMS as inputs
-    loss_features: bool = True    # loss surprise as an input
-
-
-@dataclass
-class PerTensorRuleConf(RuleConf):
-    name: str = "pertensor"
-    hidden_size: int = 32
-    lr_matrix: float = 0.03
-    lr_vector: float = 3e-3
-    floor: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    time_taus: List[float] = field(default_factory=lambda: [10, 100, 1000, 10000])
-    max_log_mult: float = 3.0
-
-
-@dataclass
-class AnchoredRuleConf(PerTensorRuleConf):
-    name: str = "anchored"
-    max_log_mult: float = 2.0
-    warmup: float = 5.0
-    max_relative: float = 0.0
-    adapt_range: float = 0.0
-    adapt_gain: float = 0.3
-    adapt_down: Optional[float] = None
-
-
-@dataclass
-class LookaheadRuleConf(RuleConf):
-    name: str = "lookahead"
-    inner: str = "sgd"
-    k: int = 5
-    alpha: float = 0.5
-
-
-@dataclass
-class SGDHDRuleConf(RuleConf):
-    name: str = "sgd_hd"
-    lr0: float = 1e-3
-    beta: float = 1e-3
-    momentum: float = 0.0
-
-
-@dataclass
-class AdamHDRuleConf(RuleConf):
-    name: str = "adam_hd"
-    lr0: float = 1e-3
-    beta: float = 1e-7
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-
-# -- scheme/ ----------------------------------------------------------------------------------
-@dataclass
 class SchemeConf:
     name: str = MISSING
 
 
-@dataclass
-class NestedConf(SchemeConf):
-    name: str = "nested"
-    truncation: int = 20
-    use_vmap: bool = True
-    checkpoint: bool = False
+def _field_type(hint):
+    """The OmegaConf-typed form of a constructor annotation: sequences become lists, anything
+    OmegaConf cannot type (a Rule instance, a mapping) the string or Any a config can hold."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float, bool, str):
+        return hint
+    if origin in (collections.abc.Sequence, list, tuple, List, Tuple) and args:
+        return List[args[0]]
+    if origin is Union and type(None) in args and len(args) == 2:
+        return Optional[_field_type(next(a for a in args if a is not type(None)))]
+    if origin is Union and str in args:
+        return str      # e.g. lookahead's inner: a rule name in a config
+    return Any
 
 
-@dataclass
-class InterleavedConf(SchemeConf):
-    name: str = "interleaved"
-    mode: str = "auto"               # auto | forward (exact sensitivities) | one_step
-    max_forward_params: int = 128    # auto: forward mode up to this many meta-parameters
-    use_vmap: bool = True
+def builds(cls, name: str, base=RuleConf, exclude: Sequence[str] = (), **overrides):
+    """A structured config node for ``cls``: one field per constructor argument (minus
+    ``exclude``) with the constructor's default (or ``overrides``, each a deliberate recipe
+    choice) and ``name`` set, so the defaults have one source."""
+    hints = typing.get_type_hints(cls.__init__)
+    specs = [("name", str, field(default=name))]
+    for arg, p in inspect.signature(cls.__init__).parameters.items():
+        if arg == "self" or arg in exclude or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = overrides.get(arg, p.default)
+        if isinstance(default, tuple):
+            default = list(default)
+        f = field(default_factory=lambda d=default: list(d)) if isinstance(default, list) \
+            else field(default=default)
+        specs.append((arg, _field_type(hints.get(arg, Any)), f))
+    conf_name = f"{cls.__name__}Conf"
+    return make_dataclass(conf_name, specs, bases=(base,), namespace={"__module__": __name__})
 
 
-@dataclass
-class ContinuousConf(SchemeConf):
-    name: str = "continuous"
-    window: int = 20
-    # euler (default) integrates the rule exactly as its discrete update; rk4/dopri5 follow the
-    # continuous flow more closely but diverged (NaN) on the MLP rule, whose moment-normalized
-    # inputs make the field stiff in the first steps -- use them with sgd/adam/layerwise_lr rules
-    method: str = "euler"            # euler | midpoint | rk4 | dopri5 | bosh3 | ...
-    gradient: str = "adjoint"        # adjoint | backprop
-    eta: float = 1.0                 # time of one inner step
-    substeps: int = 1                # fixed-grid solver steps per inner step
-    rtol: float = 1e-6
-    atol: float = 1e-8
-    store_every: int = 1             # adjoint + valid_last: keep the solution every n steps
-    use_vmap: bool = True
+SGDRuleConf = builds(SGD, "sgd")
+AdamRuleConf = builds(Adam, "adam")
+LayerwiseConf = builds(LayerwiseLR, "layerwise_lr", exclude=("beta1", "beta2", "eps"))
+PerParamConf = builds(PerParameterLR, "per_param_lr")
+# the CLI's mlp rule is activation- and loss-aware (the Python constructor keeps the plain rule,
+# which needs no model hooks in LearnedOptimizer)
+MLPRuleConf = builds(MLPRule, "mlp", exclude=("step_mult", "exp_mult"), act_features=True,
+                     loss_features=True)
+PerTensorRuleConf = builds(PerTensorRule, "pertensor")
+AnchoredRuleConf = builds(AnchoredRule, "anchored")
+LookaheadRuleConf = builds(LookaheadRule, "lookahead")
+SGDHDRuleConf = builds(SGDHDRule, "sgd_hd")
+AdamHDRuleConf = builds(AdamHDRule, "adam_hd")
 
-
-@dataclass
-class ESConf(SchemeConf):
-    name: str = "es"
-    truncation: int = 20
-    num_samples: int = 8             # antithetic pairs per slot
-    sigma: float = 0.01
-    theta_run: bool = True           # also run theta itself (exact logged loss); false: the
-                                     # particles' mean is the slot's run (2N runs, not 2N+1)
-    compile: bool = False            # torch.compile the single-task inner step (no steady gain
-                                     # over the eager vmapped runs: benchmarks/bench_peers.py)
-
-
-@dataclass
-class PESConf(ESConf):
-    name: str = "pes"
+NestedConf = builds(Nested, "nested", base=SchemeConf)
+# interleaved.mode: auto | forward (exact sensitivities) | one_step; auto takes forward mode up
+# to max_forward_params meta-parameters
+InterleavedConf = builds(Interleaved, "interleaved", base=SchemeConf)
+# continuous: euler (default) integrates the rule exactly as its discrete update; rk4/dopri5
+# follow the continuous flow more closely but diverged (NaN) on the MLP rule, whose
+# moment-normalized inputs make the field stiff in the first steps -- use them with
+# sgd/adam/layerwise_lr rules. gradient: adjoint | backprop; eta: time of one inner step;
+# substeps: fixed-grid solver steps per inner step; store_every: adjoint + valid_last keeps the
+# solution every n steps
+ContinuousConf = builds(Continuous, "continuous", base=SchemeConf)
+# es: num_samples antithetic pairs per slot; theta_run also runs theta itself (exact logged
+# loss; false: the particles' mean is the slot's run, 2N runs not 2N+1); compile: torch.compile
+# the single-task inner step (no steady gain over the eager vmapped runs: benchmarks/bench_peers.py)
+ESConf = builds(ES, "es", base=SchemeConf)
+PESConf = builds(PES, "pes", base=SchemeConf)
 
 
 # -- local/ -----------------------------------------------------------------------------------
