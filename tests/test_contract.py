@@ -222,7 +222,7 @@ def test_learned_optimizer_state_dict_round_trip(name):
 
 #: rules that do not declare their state layout yet (LearnedOptimizer guesses it from shapes);
 #: every other rule must declare one
-LAYOUT_UNDECLARED = {"pertensor", "anchored", "toy_tanh_sgd"}
+LAYOUT_UNDECLARED = {"toy_tanh_sgd"}
 #: non-default options that change which state keys a rule keeps
 LAYOUT_VARIANTS = [("sgd", dict(momentum=0.9)), ("layerwise_lr", dict(direction="adam",
                    loss_features=True, act_features=True)), ("mlp", dict(loss_features=True)),

@@ -252,10 +252,6 @@ def _gpt_like(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(strict=True, reason="step_ reads device values on the host: float(step) in "
-                   "pertensor._fast_stats, lr.tolist()/c.tolist() in _apply_, (wd*lr).tolist() and "
-                   "bool((wd != 0).any()) in anchored, torch.tensor(list, device=cuda) copies in "
-                   "controller/_static")
 def test_cuda_step_makes_no_host_sync():
     model = _gpt_like("cuda")
     for wd in (0.0, 0.01):
@@ -270,8 +266,6 @@ def test_cuda_step_makes_no_host_sync():
             torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.xfail(strict=True, reason="the step reads a tensor's value on the host "
-                   "(float(step) in pertensor._fast_stats; lr.tolist() in _apply_)")
 def test_step_reads_no_tensor_values_on_the_host_meta_device():
     """A CPU-only stand-in for the CUDA check: meta tensors have no values, so any .item(),
     .tolist(), float() or bool() of a tensor inside step() raises. (It does not see host-to-device

@@ -72,10 +72,14 @@ def weight_decays(ctx, n: int, like: Tensor) -> Optional[Tensor]:
     wd = (ctx or {}).get("weight_decay")
     if wd is None:
         return None
-    wd = torch.as_tensor(wd, dtype=like.dtype, device=like.device).reshape(-1)
-    if wd.numel() != n:
-        raise ValueError(f"ctx['weight_decay'] has {wd.numel()} values for {n} parameter tensors")
-    return wd if bool((wd != 0).any()) else None
+    if isinstance(wd, Tensor):   # tests pass tensors; LearnedOptimizer passes a list of floats
+        wd = wd.detach().cpu().reshape(-1).tolist()
+    wd = [float(x) for x in (wd if isinstance(wd, (list, tuple)) else [wd])]
+    if len(wd) != n:
+        raise ValueError(f"ctx['weight_decay'] has {len(wd)} values for {n} parameter tensors")
+    if not any(wd):   # decided on the host list: no device read
+        return None
+    return torch.as_tensor(wd, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
 @register_rule
@@ -83,6 +87,7 @@ class AnchoredRule(PerTensorRule):
     """The shipped default: :class:`PerTensorRule` with the step anchored to each tensor's
     initial scale, a learned warm-up and decoupled weight decay (see the module docstring)."""
     name = "anchored"
+    state_layout = {"step": "global", "m": "coord", "v": "coord", "rms0": "tensor", "h": "tensor"}
     supports_weight_decay = True
 
     def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
@@ -243,12 +248,8 @@ class AnchoredRule(PerTensorRule):
         h = None
         if self.adapt_range:
             h = new["h"] = self._adapt(theta, state["h"], dots[:, 0], dots[:, 1], stats[:, 2])
-        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=v_all.dtype,
-                                                                  device=v_all.device),
-                                state["rms0"], h)
-        wd = weight_decays(ctx, len(params), v_all)
-        if wd is not None:  # decoupled decay on the weights before this step's update
-            decay = (wd * lr).tolist()
-            torch._foreach_mul_(params, [1.0 - s * k for s, k in zip(scales, decay)])
-        self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales)
+        lr, c = self.controller(theta, spec, stats, t, state["rms0"], h)
+        # decoupled decay on the weights before this step's update (inside _apply_'s pass)
+        self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales,
+                     weight_decays(ctx, len(params), v_all))
         return new

@@ -58,6 +58,17 @@ from metaopt.rules.base import Rule, default_scales, flat_views, register_rule
 from metaopt.types import FlatSpec, safe_sqrt
 
 TINY = 1e-30
+#: coordinates per chunk of the CPU fast path: the reductions, the moment updates and the update
+#: of one chunk (4 arrays of 1 MiB) run while it is in cache; torch's foreach ops on CPU make one
+#: pass over memory per op instead
+CHUNK = 1 << 18
+
+
+def _powsum(tensors, p):
+    """Per-tensor sum of |x|^p as a list of 0-d tensors (one multi-tensor kernel on CUDA)."""
+    if hasattr(torch, "_foreach_powsum"):
+        return torch._foreach_powsum(tensors, p)
+    return [x.abs().pow(p).sum() for x in tensors]
 
 
 def _fan_in(shape: Tuple[int, ...]) -> int:
@@ -75,6 +86,7 @@ class PerTensorRule(Rule):
     """Adam's direction scaled per tensor by a small learned controller, the step relative
     to the weight's current RMS (see the module docstring)."""
     name = "pertensor"
+    state_layout = {"step": "global", "m": "coord", "v": "coord"}
 
     def __init__(self, hidden_size: int = 32, lr_matrix: float = 0.03, lr_vector: float = 3e-3,
                  floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -122,10 +134,19 @@ class PerTensorRule(Rule):
         return {"step": p.new_zeros(()), "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
 
     # -- the per-tensor controller (shared by ``update`` and ``step_``) -------------------------
+    def _const(self, what: str, values, dtype, device) -> Tensor:
+        """A constant tensor, built once per (values, dtype, device): a host-to-device copy every
+        step would synchronize (torch.cuda.set_sync_debug_mode reports it)."""
+        cache = self.__dict__.setdefault("_consts", {})
+        key = (what, tuple(values), dtype, str(device))
+        if key not in cache:
+            cache[key] = torch.tensor(list(values), dtype=dtype).to(device)
+        return cache[key]
+
     def _static(self, spec: FlatSpec, dtype, device):
         """Per-tensor constants: vector flag [T], 1/sqrt(fan_in) [T]."""
-        is_vec = torch.tensor([float(_is_vector(s)) for s in spec.shapes], dtype=dtype, device=device)
-        fan = torch.tensor([float(_fan_in(s)) for s in spec.shapes], dtype=dtype, device=device)
+        is_vec = self._const("is_vec", [float(_is_vector(s)) for s in spec.shapes], dtype, device)
+        fan = self._const("fan", [float(_fan_in(s)) for s in spec.shapes], dtype, device)
         return is_vec, fan.rsqrt()
 
     def controller(self, theta, spec: FlatSpec, stats: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
@@ -142,7 +163,7 @@ class PerTensorRule(Rule):
         snr = torch.log(m_new_sq / (bc1 * bc1) / n / v_mean + 1e-8)
         spike = torch.log(gg / n / v_mean + 1e-8)
         p_rms = torch.sqrt(pp / n)
-        tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
+        tf = torch.tanh(step / self._const("taus", self.time_taus, dtype, device))
         glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
         # every input is invariant to rescaling a tensor's weights (and its gradients)
         x = torch.cat([torch.stack([cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5,
@@ -190,35 +211,92 @@ class PerTensorRule(Rule):
     # -- in-place fast path --------------------------------------------------------------------------
     def _fast_stats(self, params, grads, state, spec):
         """The in-place half of ``step_``: per-tensor reductions before the moments move, then
-        the moments updated in place. Returns (m_views, v_views, step, t, stats)."""
+        the moments updated in place. Returns (m_views, v_views, step, t, stats); ``t`` is the
+        new step as a tensor on the state's device (never read on the host)."""
         m_all, v_all = state["m"], state["v"]
-        dtype = v_all.dtype
+        dtype, device = v_all.dtype, v_all.device
+        b1, b2 = self.beta1, self.beta2
         m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
         step = state["step"] + 1
-        rows: List[Tensor] = []   # <m_prev, g>, |m_prev|^2, |g|^2, |p|^2
-        for mv, gv, pv in zip(m_views, grads, params):
-            mf, gf, pf = mv.reshape(-1), gv.reshape(-1), pv.reshape(-1)
-            rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf),
-                                     torch.dot(pf, pf)]))
-        torch._foreach_lerp_(m_views, grads, 1 - self.beta1)
-        torch._foreach_mul_(v_views, self.beta2)
-        torch._foreach_addcmul_(v_views, grads, grads, value=1 - self.beta2)
-        vsum = torch.stack([vv.sum() for vv in v_views])
-        r = torch.stack(rows)
-        n = torch.tensor(spec.numels, dtype=dtype, device=v_all.device)
-        stats = torch.stack([r[:, 0], r[:, 1], r[:, 2], vsum, r[:, 3], n], -1)
-        return m_views, v_views, step, float(step), stats
+        if device.type == "cpu":   # tensor by tensor, chunk by chunk, in cache
+            r = torch.empty(len(params), 5, dtype=dtype)  # <m_prev,g>, |m_prev|^2, |g|^2, sum v, |p|^2
+            for i, (mv, gv, pv, vv) in enumerate(zip(m_views, grads, params, v_views)):
+                mf, gf, pf, vf = mv.view(-1), gv.reshape(-1), pv.reshape(-1), vv.view(-1)
+                n = mf.numel()
+                k = max(1, -(-n // CHUNK))
+                part = r[i:i + 1] if k == 1 else torch.empty(k, 5, dtype=dtype)
+                for j in range(k):
+                    sl = slice(j * CHUNK, (j + 1) * CHUNK)
+                    mc, gc, pc, vc, q = mf[sl], gf[sl], pf[sl], vf[sl], part[j]
+                    torch.dot(mc, gc, out=q[0])
+                    torch.dot(mc, mc, out=q[1])
+                    torch.dot(gc, gc, out=q[2])
+                    torch.dot(pc, pc, out=q[4])
+                    mc.lerp_(gc, 1 - b1)
+                    vc.mul_(b2).addcmul_(gc, gc, value=1 - b2)
+                    torch.sum(vc, 0, out=q[3])
+                if k > 1:
+                    torch.sum(part, 0, out=r[i])
+        else:   # accelerators: multi-tensor kernels, nothing read on the host
+            mm, gg, pp = _powsum(m_views, 2), _powsum(grads, 2), _powsum(params, 2)
+            dot = [x.sum() for x in torch._foreach_mul(m_views, grads)]  # no foreach dot product
+            torch._foreach_lerp_(m_views, grads, 1 - b1)
+            torch._foreach_mul_(v_views, b2)
+            torch._foreach_addcmul_(v_views, grads, grads, value=1 - b2)
+            vsum = _powsum(v_views, 1)                                    # v >= 0
+            r = torch.stack([torch.stack(x) for x in (dot, mm, gg, vsum, pp)], -1)
+        n = self._const("numel", spec.numels, dtype, device)
+        stats = torch.cat([r, n[:, None]], -1)
+        return m_views, v_views, step, step.to(dtype), stats
 
-    def _apply_(self, params, grads, m_views, v_all, spec, lr, c, t, scales) -> None:
-        """``p -= s_i lr_i (m / (1 - b1^t) + c_i g) / (sqrt(v / (1 - b2^t)) + eps)``, in place."""
-        bc1, bc2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
-        den = v_all.sqrt().div_(math.sqrt(bc2)).add_(self.eps)
-        den_views = flat_views(den, spec)
-        lr_l, c_l = lr.tolist(), c.tolist()
-        torch._foreach_addcdiv_(params, m_views, den_views,
-                                [-l / bc1 * s for l, s in zip(lr_l, scales)])
-        torch._foreach_addcdiv_(params, grads, den_views,
-                                [-l * cc * s for l, cc, s in zip(lr_l, c_l, scales)])
+    def _apply_(self, params, grads, m_views, v_all, spec, lr, c, t, scales, wd=None) -> None:
+        """``p -= s_i lr_i (m / (1 - b1^t) + c_i g) / (sqrt(v / (1 - b2^t)) + eps)``, in place,
+        after ``p *= 1 - s_i wd_i lr_i`` when ``wd`` [T] is given. ``t``: the step, a tensor."""
+        b1, b2 = self.beta1, self.beta2
+        v_views = flat_views(v_all, spec)
+        if v_all.device.type == "cpu":   # host reads of CPU tensors are free
+            tf = float(t)
+            bc1, sb2 = 1 - b1 ** tf, math.sqrt(1 - b2 ** tf)
+            eps = self.eps * sb2         # sqrt(v / bc2) + eps = (sqrt(v) + eps sqrt(bc2)) / sqrt(bc2)
+            lr_l, c_l = lr.tolist(), c.tolist()
+            wd_l = wd.tolist() if wd is not None else None
+            buf = torch.empty(min(CHUNK, max(p.numel() for p in params)), dtype=v_all.dtype)
+            for i, (p, g, mv, vv) in enumerate(zip(params, grads, m_views, v_views)):
+                a = -lr_l[i] * scales[i] * sb2
+                am, ag = a / bc1, a * c_l[i]
+                keep = 1.0 - scales[i] * wd_l[i] * lr_l[i] if wd_l is not None else 1.0
+                if not p.is_contiguous():   # no flat view of p: whole-tensor ops
+                    d = vv.sqrt().add_(eps)
+                    if keep != 1.0:
+                        p.mul_(keep)
+                    p.addcdiv_(mv, d, value=am).addcdiv_(g, d, value=ag)
+                    continue
+                pf, gf, mf, vf = p.view(-1), g.reshape(-1), mv.view(-1), vv.view(-1)
+                for s in range(0, pf.numel(), CHUNK):
+                    sl = slice(s, s + CHUNK)
+                    pc = pf[sl]
+                    d = torch.sqrt(vf[sl], out=buf[:pc.numel()]).add_(eps)
+                    if keep != 1.0:
+                        pc.mul_(keep)
+                    pc.addcdiv_(mf[sl], d, value=am).addcdiv_(gf[sl], d, value=ag)
+            return
+        # accelerators: per-tensor factors as 0-d device tensors (the ScalarList overloads need
+        # host floats, and the packed-Tensor overload of _foreach_addcdiv_ requires CPU scalars)
+        dtype, device = v_all.dtype, v_all.device
+        sc = torch.as_tensor(scales, dtype=dtype).to(device, non_blocking=True)
+        a = -lr * sc
+        bc1 = 1 - b1 ** t
+        den = torch._foreach_sqrt(v_views)
+        torch._foreach_div_(den, torch.sqrt(1 - b2 ** t))   # 0-d tensor overload: no sync
+        torch._foreach_add_(den, self.eps)                  # (the 0-d tensor overload of add reads it)
+        if wd is not None:
+            torch._foreach_mul_(params, list((1 + a * wd).unbind()))
+        # den * bc1 / a: p += m / that = (a / bc1) m / den; a == 0 gives inf, so a zero step
+        torch._foreach_mul_(den, list((bc1 / a).unbind()))
+        torch._foreach_addcdiv_(params, m_views, den)
+        # then * 1 / (bc1 c): p += g / that = a c g / den (c == 0: inf, no gradient share)
+        torch._foreach_mul_(den, list((bc1 * c).reciprocal().unbind()))
+        torch._foreach_addcdiv_(params, grads, den)
 
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
@@ -226,7 +304,6 @@ class PerTensorRule(Rule):
         params, grads = list(params), list(grads)
         m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
         v_all = state["v"]
-        lr, c = self.controller(theta, spec, stats, torch.tensor(t, dtype=v_all.dtype,
-                                                                  device=v_all.device))
+        lr, c = self.controller(theta, spec, stats, t)
         self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales)
         return {"step": step, "m": state["m"], "v": v_all}
