@@ -2,6 +2,7 @@
 
     metaopt-fastweights retrieval --cores fastweights lstm rnn --hidden 20 50
     metaopt-fastweights capacity --rules sum delta learned --keys 20 100 120 --setting 2
+    metaopt-fastweights plastic --task copy --models static hebbian gradient --seeds 0 1 2
 
 Each run trains with Adam, evaluates on the validation split every ``eval_every`` steps, stops
 early once the target is reached (or at ``max_steps`` / ``max_seconds``), and reports the test
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from metaopt.fastweights.models import CORES, CapacityModel, RetrievalModel
+from metaopt.fastweights.plastic import PLASTIC_RULES, PlasticTransformer
+from metaopt.fastweights.plastic_tasks import PLASTIC_TASKS, make_plastic_task
 from metaopt.fastweights.rules import CHUNKWISE_RULES, WRITE_RULES
 from metaopt.tasks.retrieval import capacity_batch, retrieval_splits
 
@@ -135,6 +138,135 @@ def train_capacity(rule: str = "delta", num_keys: int = 20, setting: int = 2, d_
             "init_rule": init_rule, **model_kwargs}
 
 
+#: the plastic comparison's default task sizes (sequences of 48, 32 and 10 tokens)
+PLASTIC_TASK_DEFAULTS = {"copy": {"length": 20, "delay": 8, "n_symbols": 8},
+                         "regression": {"n_points": 16, "dim": 4, "noise": 0.1},
+                         "fewshot": {"n_way": 5, "k_shot": 1, "n_query": 5}}
+
+
+def train_plastic(task: str = "copy", model: str = "hebbian", seed: int = 0, steps: int = 2000,
+                  batch_size: int = 32, lr: float = 3e-3, warmup: int = 100, d_model: int = 32,
+                  n_layers: int = 2, n_heads: int = 2, mlp_ratio: int = 2,
+                  static_mlp_ratio: int = 4, eval_size: int = 1024, eval_every: int = 500,
+                  clip: float = 1.0, task_kwargs: Optional[Dict[str, Any]] = None,
+                  max_seconds: float = math.inf, save: Optional[str] = None, log=print,
+                  **branch_kwargs) -> Dict[str, Any]:
+    """Train one :class:`~metaopt.fastweights.plastic.PlasticTransformer` (``model``: static,
+    hebbian or gradient) on a plastic task with Adam (linear warm-up, cosine decay, clipping);
+    returns a result row with the final model's test figures on ``eval_size`` held-out sequences
+    (the same ones for every model and seed; few-shot test episodes use held-out images).
+
+    The static model gets ``static_mlp_ratio`` (default 4) so that its parameter count matches
+    the plastic ones' (MLP ratio ``mlp_ratio`` plus the fast branch). ``save`` writes the
+    trained weights (safetensors) and their config (JSON, ``save`` + ``.json``)."""
+    kw = {**PLASTIC_TASK_DEFAULTS.get(task, {}), **(task_kwargs or {})}
+    train_task = make_plastic_task(task, "train", **kw)
+    test_task = make_plastic_task(task, "test", **kw)
+    config = dict(rule=model, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                  max_len=train_task.seq_len,
+                  mlp_ratio=static_mlp_ratio if model == "static" else mlp_ratio,
+                  **train_task.io, **(branch_kwargs if model != "static" else {}))
+    torch.manual_seed(seed)
+    net = PlasticTransformer(**config)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup))
+                                              * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    g = torch.Generator().manual_seed(seed + 1)
+    test = test_task.batch(eval_size, torch.Generator().manual_seed(10**6))
+
+    def evaluate():
+        net.eval()
+        with torch.no_grad():
+            m = test_task.metrics(net(test["x"]), test)
+        net.train()
+        return m
+
+    t0, step = time.perf_counter(), 0
+    while step < steps and time.perf_counter() - t0 < max_seconds:
+        b = train_task.batch(batch_size, g)
+        loss = train_task.loss(net(b["x"]), b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % eval_every == 0 and step < steps:
+            m = evaluate()
+            log(f"[plastic {task} {model} seed {seed}] step {step} loss {loss.item():.4f} "
+                + " ".join(f"test_{k} {v:.4f}" for k, v in m.items())
+                + f" ({time.perf_counter() - t0:.0f}s)")
+    seconds = time.perf_counter() - t0
+    m = evaluate()
+    log(f"[plastic {task} {model} seed {seed}] done: step {step} "
+        + " ".join(f"test_{k} {v:.4f}" for k, v in m.items()) + f" ({seconds:.0f}s)")
+    row = {"task": task, "model": model, "seed": seed, **{f"test_{k}": v for k, v in m.items()},
+           "steps": step, "seconds": round(seconds, 1), "params": sum(p.numel() for p in net.parameters()),
+           "lr": lr, "batch_size": batch_size, "d_model": d_model, "n_layers": n_layers,
+           "mlp_ratio": config["mlp_ratio"], "task_kwargs": kw}
+    if task == "regression":
+        row["ridge_test_loss"] = test_task.least_squares_mse(test)["loss"]
+    if save:
+        save_plastic(net, config, kw, save)
+    return row
+
+
+def save_plastic(net: PlasticTransformer, config: Dict[str, Any], task_kwargs: Dict[str, Any],
+                 path: str) -> None:
+    """Write a plastic model: weights to ``path`` (safetensors), ``{"model": config, "task":
+    task_kwargs}`` to ``path + ".json"``."""
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, path)
+    with open(path + ".json", "w") as f:
+        json.dump({"model": config, "task": task_kwargs}, f, indent=1)
+
+
+def load_plastic(path: str):
+    """``(model, task_kwargs)`` from the files :func:`save_plastic` wrote (no unpickling)."""
+    from safetensors.torch import load_file
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    net = PlasticTransformer(**meta["model"])
+    net.load_state_dict(load_file(path))
+    return net.eval(), meta["task"]
+
+
+def summarize_plastic(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (task, model): mean and standard deviation (over seeds) of each test figure."""
+    out = []
+    keys = sorted({(r["task"], r["model"]) for r in rows},
+                  key=lambda k: (PLASTIC_TASKS.index(k[0]) if k[0] in PLASTIC_TASKS else 99,
+                                 PLASTIC_RULES.index(k[1])))
+    for task, model in keys:
+        rs = [r for r in rows if r["task"] == task and r["model"] == model]
+        s = {"task": task, "model": model, "seeds": len(rs), "params": rs[0]["params"],
+             "steps": rs[0]["steps"]}
+        for k in [k for k in rs[0] if k.startswith("test_") or k == "ridge_test_loss"]:
+            vals = torch.tensor([float(r[k]) for r in rs], dtype=torch.float64)
+            s[k] = vals.mean().item()
+            s[k + "_std"] = vals.std().item() if len(rs) > 1 else 0.0
+        s["seconds"] = round(sum(r["seconds"] for r in rs) / len(rs), 1)
+        out.append(s)
+    return out
+
+
+def plastic_table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown tables, one per task: each model's test figures as ``mean +- std`` over seeds."""
+    summary = summarize_plastic(rows)
+    parts = []
+    for task in dict.fromkeys(s["task"] for s in summary):
+        ss = [s for s in summary if s["task"] == task]
+        figs = [k for k in ss[0] if (k.startswith("test_") or k == "ridge_test_loss")
+                and not k.endswith("_std")]
+        table = [{"model": s["model"], "seeds": s["seeds"], "params": s["params"],
+                  "steps": s["steps"],
+                  **{k: f"{s[k]:.4f} +- {s[k + '_std']:.4f}" for k in figs},
+                  "s/run": s["seconds"]} for s in ss]
+        parts.append(f"### {task}\n\n" + format_table(table, list(table[0])))
+    return "\n\n".join(parts)
+
+
 def _write_net(model: CapacityModel):
     if model.fwp.write_net is None:
         raise ValueError(f"init_rule/save_rule need rule='learned' (got {model.fwp.rule!r})")
@@ -189,10 +321,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         description="Fast-weight experiments: train fast-weight layers and baselines with Adam and print\n"
                     "a table (test metric of the best validation checkpoint).\n"
                     "  retrieval: Ba et al. associative retrieval (c9k8j3f1??c -> 9), test error\n"
+                    "  plastic:   static vs Hebbian vs gradient-based plastic transformers on copy,\n"
+                    "             in-context regression and few-shot digits, test loss per task\n"
                     "  capacity:  Schlag et al. key-value capacity, test MSE",
         epilog="examples:\n"
                "  metaopt-fastweights retrieval --cores fastweights lstm rnn --hidden 20 --max-steps 2000\n"
-               "  metaopt-fastweights capacity --rules sum delta --keys 20 --max-steps 500")
+               "  metaopt-fastweights capacity --rules sum delta --keys 20 --max-steps 500\n"
+               "  metaopt-fastweights plastic --task copy --model hebbian --seed 0 --steps 300")
     sub = p.add_subparsers(dest="task", required=True)
     r = sub.add_parser("retrieval", help="Ba et al. associative retrieval (error table)")
     r.add_argument("--cores", nargs="+", default=["fastweights", "lstm", "rnn"], choices=CORES,
@@ -258,13 +393,56 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                    "from this safetensors file")
     c.add_argument("--save-rule", default=None, help="learned rule: save the trained write "
                    "network here (safetensors)")
-    for s in (r, c):
+    pl = sub.add_parser("plastic", help="plastic transformers: static vs Hebbian vs gradient "
+                        "(loss table, mean and spread over seeds)")
+    pl.add_argument("--task", "--tasks", dest="tasks", nargs="+", default=["copy"],
+                    choices=PLASTIC_TASKS, help="copy, regression (in-context linear), fewshot "
+                    "(N-way K-shot digits)")
+    pl.add_argument("--model", "--models", dest="models", nargs="+", default=list(PLASTIC_RULES),
+                    choices=PLASTIC_RULES, help="static (no fast branch), hebbian, gradient")
+    pl.add_argument("--seed", "--seeds", dest="seeds", nargs="+", type=int, default=[0],
+                    help="seeds of initialization and training data (one run each)")
+    pl.add_argument("--steps", type=int, default=2000, help="Adam steps per run")
+    pl.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    pl.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay)")
+    pl.add_argument("--d-model", type=int, default=32, help="transformer width")
+    pl.add_argument("--n-layers", type=int, default=2, help="transformer blocks")
+    pl.add_argument("--n-heads", type=int, default=2, help="attention heads (and fast-weight heads)")
+    pl.add_argument("--eval-size", type=int, default=1024, help="held-out test sequences")
+    pl.add_argument("--eval-every", type=int, default=500, help="steps between progress lines")
+    pl.add_argument("--max-seconds", type=float, default=math.inf, help="wall-clock budget per run")
+    pl.add_argument("--save-dir", default=None, help="write each trained model here "
+                    "(<task>_<model>_seed<seed>.safetensors + .json)")
+    pl.add_argument("--table", default=None, help="write the summary table (markdown) here")
+    for s in (r, c, pl):
         s.add_argument("--threads", type=int, default=1,
             help="torch CPU threads")
         s.add_argument("--out", default=None, help="write the result rows as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
+    if a.task == "plastic":
+        import os
+        for task in a.tasks:
+            for model in a.models:
+                for seed in a.seeds:
+                    save = None
+                    if a.save_dir:
+                        os.makedirs(a.save_dir, exist_ok=True)
+                        save = os.path.join(a.save_dir, f"{task}_{model}_seed{seed}.safetensors")
+                    rows.append(train_plastic(task, model, seed, a.steps, a.batch_size, a.lr,
+                                              d_model=a.d_model, n_layers=a.n_layers,
+                                              n_heads=a.n_heads, eval_size=a.eval_size,
+                                              eval_every=a.eval_every, max_seconds=a.max_seconds,
+                                              save=save))
+                    _save(rows, a.out)
+        table = plastic_table(rows)
+        print(table)
+        if a.table:
+            with open(a.table, "w") as f:
+                f.write(table + "\n")
+            print(f"wrote {a.table}")
+        return rows
     if a.task == "retrieval":
         sizes = {"train": a.train_size, "valid": 10_000, "test": 20_000}
         for hidden in a.hidden:

@@ -24,6 +24,7 @@ Pass ``q=None`` to only write (returns ``(None, W)``).
 ``delta_chunkwise`` are the chunkwise-parallel forms (tested equal): within a chunk of ``C``
 steps the writes are a triangular system (the WY form of DeltaNet, Yang et al. 2024), so the
 Python loop runs ``T / C`` times instead of ``T``.
+``hebbian_parallel`` has no loop at all: the decayed, gated sum is one masked attention.
 """
 from __future__ import annotations
 
@@ -88,14 +89,21 @@ def delta_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, beta: Tensor,
     return _stack(ys), W
 
 
-def hebbian_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, gate: Tensor, decay: float = 1.0,
+def _decay(decay, B: int) -> Tensor:
+    """A float or per-sequence ``(B,)`` decay as something that scales ``W (B, dv, dk)``."""
+    return decay.reshape(B, 1, 1) if isinstance(decay, Tensor) else decay
+
+
+def hebbian_recurrent(q: Optional[Tensor], k: Tensor, v: Tensor, gate: Tensor, decay=1.0,
                       W0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Neuromodulated Hebbian rule: ``W = decay W + m_t v_t k_t^T`` with the signed gate
-    ``m = gate (B, T)``. Returns ``(y or None, final W)``."""
+    ``m = gate (B, T)``; ``decay`` a float or a per-sequence tensor ``(B,)``.
+    Returns ``(y or None, final W)``."""
     W = _init_state(k, v, W0)
+    lam = _decay(decay, k.shape[0])
     ys = []
     for t in range(k.shape[1]):
-        W = decay * W + _outer(gate[:, t, None] * v[:, t], k[:, t])
+        W = lam * W + _outer(gate[:, t, None] * v[:, t], k[:, t])
         if q is not None:
             ys.append(_matvec(W, q[:, t]))
     return _stack(ys), W
@@ -209,6 +217,34 @@ def sum_chunkwise(q: Optional[Tensor], k: Tensor, v: Tensor, W0: Optional[Tensor
         ys.append(torch.bmm(Q[:, i], W.transpose(1, 2)) + intra[:, i])
         W = W + torch.bmm(V[:, i].transpose(1, 2), K[:, i])
     return torch.cat(ys, 1)[:, :T], W
+
+
+def hebbian_parallel(q: Optional[Tensor], k: Tensor, v: Tensor, gate: Tensor, decay=1.0,
+                     W0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`hebbian_recurrent` without a loop over time (tested equal): unrolled,
+    ``W_t = decay^(t+1) W0 + sum_{s <= t} decay^(t-s) m_s v_s k_s^T``, so the reads are one
+    masked, decayed attention ``y = (tril(Q K^T) * decay^(t-s) * m_s) V`` (plus ``W0``'s part).
+    Memory ``O(B T^2)``: meant for short sequences (``T`` up to a few hundred)."""
+    B, T = k.shape[:2]
+    W = _init_state(k, v, W0)
+    lam = torch.as_tensor(decay, dtype=k.dtype, device=k.device).expand(B) \
+        if not isinstance(decay, Tensor) else decay
+    t = torch.arange(T, device=k.device)
+    lag = (t[:, None] - t[None, :]).clamp_min(0).to(k.dtype)           # (T, T): t - s
+    causal = t[:, None] >= t[None, :]
+    D = torch.where(causal, lam.reshape(B, 1, 1) ** lag, torch.zeros((), dtype=k.dtype,
+                                                                     device=k.device))
+    last = lam.reshape(B, 1) ** (T - 1 - t.to(k.dtype))                # decay^(T-1-s)   (B, T)
+    W_end = torch.bmm((v * (gate * last).unsqueeze(-1)).transpose(1, 2), k)
+    if W0 is not None:
+        W_end = W_end + lam.reshape(B, 1, 1) ** T * W
+    if q is None:
+        return None, W_end
+    y = torch.bmm(torch.bmm(q, k.transpose(1, 2)) * D * gate.unsqueeze(1), v)
+    if W0 is not None:
+        y = y + lam.reshape(B, 1, 1) ** (t.to(k.dtype) + 1).reshape(1, T, 1) * \
+            torch.bmm(q, W.transpose(1, 2))
+    return y, W_end
 
 
 def delta_chunkwise(q: Optional[Tensor], k: Tensor, v: Tensor, beta: Tensor,
