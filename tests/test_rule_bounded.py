@@ -22,7 +22,8 @@ from tests.helpers import TinyFamily, controller_theta as _theta, unroll_log_los
 @pytest.mark.parametrize("max_relative,adapt_range", [(0.0, 0.0), (0.9, 0.0), (0.0, 3.0)])
 def test_meta_gradient_matches_central_finite_differences(max_relative, adapt_range):
     rule = make_rule("anchored", hidden_size=8, lr_matrix=0.05, lr_vector=0.02, warmup=3.0,
-                     max_relative=max_relative, adapt_range=adapt_range)
+                     max_relative=max_relative, adapt_range=adapt_range, adapt_down=1.0,
+                     adapt_brake=0.5)
     task = TinyFamily().sample_seeded(3)
     spec = FlatSpec.from_shapes(task.param_shapes())
     theta = {k: v.requires_grad_(True) for k, v in _theta(rule, spec).items()}
@@ -46,7 +47,8 @@ def test_meta_gradient_matches_central_finite_differences(max_relative, adapt_ra
 @pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("max_relative,adapt_range", [(0.0, 0.0), (0.9, 0.0), (0.0, 8.0)])
 def test_fast_path_equals_reference(dtype, decay, max_relative, adapt_range):
-    rule = make_rule("anchored", max_relative=max_relative, adapt_range=adapt_range)
+    rule = make_rule("anchored", max_relative=max_relative, adapt_range=adapt_range,
+                     adapt_down=2.0, adapt_brake=1.0)
     g = torch.Generator().manual_seed(0)
     shapes = {"c.weight": (4, 2, 3, 3), "a.weight": (7, 5), "a.bias": (7,), "n.weight": (7,),
               "b.weight": (3, 7)}
@@ -129,10 +131,11 @@ def test_matrix_updates_are_invariant_to_weight_reparameterization(max_relative,
 
 def test_fresh_adaptation_is_adam_with_a_hypergradient_log_rate():
     """Independent reference for ``adapt_range``: per tensor, ``h <- clip(h + gain * cos(d_{t-1},
-    g_t), +-range)`` with ``d = m_hat / (sqrt(v_hat) + eps)`` the last Adam direction, and the
-    anchored rate multiplied by ``exp(h)``."""
+    g_t) - brake * relu(log(mean g^2 / mean v_hat) - 2), -down, range)`` with ``d = m_hat /
+    (sqrt(v_hat) + eps)`` the last Adam direction, and the anchored rate multiplied by
+    ``exp(h)``."""
     rule = make_rule("anchored", lr_matrix=0.05, lr_vector=0.01, floor=0.2, warmup=4.0,
-                     adapt_range=1.5, adapt_gain=0.4)
+                     adapt_range=1.5, adapt_gain=0.4, adapt_down=0.7, adapt_brake=0.8)
     g = torch.Generator().manual_seed(0)
     shapes = {"w": (5, 3), "b": (5,)}
     params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
@@ -146,25 +149,29 @@ def test_fresh_adaptation_is_adam_with_a_hypergradient_log_rate():
     d_prev = {k: torch.zeros_like(v) for k, v in params.items()}
     h = {k: 0.0 for k in params}
     rms0 = float(params["w"].pow(2).mean().sqrt())
-    p, clipped = dict(params), False
+    p, clipped, braked = dict(params), False, False
     drift = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
-    for t in range(1, 40):   # a persistent gradient direction: the rates grow to the bound
+    for t in range(1, 40):   # a persistent gradient direction: the rates grow to the bound ...
         grads = {k: drift[k] + 0.3 * torch.randn(s, generator=g, dtype=torch.float64)
                  for k, s in shapes.items()}
+        if t in (25, 26):    # ... until gradient spikes brake them
+            grads = {k: 30 * x for k, x in grads.items()}
         upd, state = rule.update(theta, grads, state, p)
         p = {k: p[k] + upd[k] for k in p}
         for k, gk in grads.items():
             cos = float((d_prev[k] * gk).sum()) / (float(d_prev[k].norm() * gk.norm()) + 1e-300)
-            h[k] = min(1.5, max(-1.5, h[k] + gain * cos))
-            clipped |= h[k] == 1.5
             m[k] = 0.9 * m[k] + 0.1 * gk
             v2[k] = 0.999 * v2[k] + 0.001 * gk * gk
+            spike = math.log(float(gk.pow(2).mean() / (v2[k] / (1 - 0.999 ** t)).mean()) + 1e-8)
+            braked |= spike > 2
+            h[k] = min(1.5, max(-0.7, h[k] + gain * cos - 0.8 * max(0.0, spike - 2)))
+            clipped |= h[k] == 1.5
             base = lr_vec if k == "b" else lr_mat * (rms0 + floor / math.sqrt(3))
             lr = base * (1 - math.exp(-t / tau)) * math.exp(h[k])
             d = (m[k] / (1 - 0.9 ** t)) / ((v2[k] / (1 - 0.999 ** t)).sqrt() + 1e-8)
             ref[k] = ref[k] - lr * d
             d_prev[k] = d
-    assert clipped
+    assert clipped and braked
     torch.testing.assert_close(state["h"], torch.tensor([h["w"], h["b"]], dtype=torch.float64),
                                rtol=1e-12, atol=1e-12)
     for k in shapes:

@@ -65,6 +65,8 @@ from metaopt.types import FlatSpec, safe_sqrt
 WARMUP_RANGE = (1.0, 200.0)
 #: the largest ``adapt_range`` (the adapted rate stays within a factor e^ADAPT_MAX of the base)
 ADAPT_MAX = 10.0
+#: a gradient up to e^SPIKE_FREE times its running RMS^2 is not braked (minibatch noise)
+SPIKE_FREE = 2.0
 
 
 def weight_decays(ctx, n: int, like: Tensor) -> Optional[Tensor]:
@@ -94,7 +96,8 @@ class AnchoredRule(PerTensorRule):
                  floor: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  time_taus: Sequence[float] = (10, 100, 1000, 10000), max_log_mult: float = 2.0,
                  warmup: float = 5.0, max_relative: float = 0.0, adapt_range: float = 0.0,
-                 adapt_gain: float = 0.3, adapt_down: Optional[float] = None):
+                 adapt_gain: float = 0.3, adapt_down: Optional[float] = None,
+                 adapt_brake: float = 0.0):
         super().__init__(hidden_size=hidden_size, lr_matrix=lr_matrix, lr_vector=lr_vector,
                          floor=floor, beta1=beta1, beta2=beta2, eps=eps, time_taus=time_taus,
                          max_log_mult=max_log_mult)
@@ -114,12 +117,15 @@ class AnchoredRule(PerTensorRule):
         if not 0.0 <= adapt_down <= ADAPT_MAX:
             raise ValueError(f"Invalid adapt_down: {adapt_down} (must be in [0, {ADAPT_MAX:g}])")
         self.adapt_down = adapt_down
+        if not adapt_brake >= 0:
+            raise ValueError(f"Invalid adapt_brake: {adapt_brake} (must be >= 0)")
+        self.adapt_brake = float(adapt_brake)
 
     def config(self):
         cfg = {**super().config(), "warmup": self.warmup, "max_relative": self.max_relative}
         if self.adapt_range:
             cfg.update(adapt_range=self.adapt_range, adapt_gain=self.adapt_gain,
-                       adapt_down=self.adapt_down)
+                       adapt_down=self.adapt_down, adapt_brake=self.adapt_brake)
         return cfg
 
     @property
@@ -149,12 +155,20 @@ class AnchoredRule(PerTensorRule):
             state["h"] = torch.zeros_like(state["rms0"])
         return state
 
-    def _adapt(self, theta, h_prev: Tensor, dg: Tensor, dd: Tensor, gg: Tensor) -> Tensor:
-        """The adapted log-rate ``h`` [T]: ``clamp(h_prev + gain * cos(d_{t-1}, g_t), -down, range)``
-        from ``dg = <d_{t-1}, g_t>`` and ``dd = |d_{t-1}|^2`` (``gg = |g_t|^2``)."""
+    def _adapt(self, theta, h_prev: Tensor, dg: Tensor, dd: Tensor, stats: Tensor,
+               t: Tensor) -> Tensor:
+        """The adapted log-rate ``h`` [T]: ``clamp(h_prev + gain * cos(d_{t-1}, g_t) - brake *
+        relu(spike), -down, range)`` from ``dg = <d_{t-1}, g_t>``, ``dd = |d_{t-1}|^2`` and the
+        controller's statistics (``spike = log(mean g_t^2 / mean v_hat)``: a gradient larger than
+        its running second moment, the mark of a step that went too far)."""
+        gg, vsum, n = stats[:, 2], stats[:, 3], stats[:, 5]
         cos = dg * torch.rsqrt(dd * gg + TINY)
         gain = torch.exp(theta["log_adapt_gain"].to(cos.dtype))
-        return (h_prev + gain * cos).clamp(-self.adapt_down, self.adapt_range)
+        h = h_prev + gain * cos
+        if self.adapt_brake:
+            spike = torch.log(gg / (vsum / (1 - self.beta2 ** t) + TINY) + 1e-8)
+            h = h - self.adapt_brake * torch.relu(spike - SPIKE_FREE)
+        return h.clamp(-self.adapt_down, self.adapt_range)
 
     def _prev_direction(self, m_prev: Tensor, v_prev: Tensor, step_prev: Tensor) -> Tensor:
         """Last step's Adam direction up to a per-tensor factor: ``m / (sqrt(v / bc2) + eps)``
@@ -221,7 +235,7 @@ class AnchoredRule(PerTensorRule):
                                    device=x.device).index_add(-1, seg, x)
 
             h = new["h"] = self._adapt(theta, state["h"].to(g.dtype), seg_sum(q * g),
-                                       seg_sum(q * q), stats[:, 2])
+                                       seg_sum(q * q), stats, t)
         lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype), h)
         den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
         d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den
@@ -247,7 +261,7 @@ class AnchoredRule(PerTensorRule):
         new = {"step": step, "m": state["m"], "v": v_all, "rms0": state["rms0"]}
         h = None
         if self.adapt_range:
-            h = new["h"] = self._adapt(theta, state["h"], dots[:, 0], dots[:, 1], stats[:, 2])
+            h = new["h"] = self._adapt(theta, state["h"], dots[:, 0], dots[:, 1], stats, t)
         lr, c = self.controller(theta, spec, stats, t, state["rms0"], h)
         # decoupled decay on the weights before this step's update (inside _apply_'s pass)
         self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales,
