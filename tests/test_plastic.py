@@ -11,7 +11,8 @@ from torch.func import functional_call
 from metaopt.fastweights import rules as R
 from metaopt.fastweights.experiments import load_plastic, main, summarize_plastic
 from metaopt.fastweights.plastic import (PlasticBlock, PlasticBranch, PlasticTransformer,
-                                         gradient_recurrent, reconstruction_loss)
+                                         gradient_recurrent, modulation_by_kind,
+                                         reconstruction_loss)
 from metaopt.fastweights.plastic_tasks import (CopyTask, FewShotDigitsTask, RegressionTask,
                                                make_plastic_task)
 from metaopt.tasks.data import load_sklearn
@@ -218,6 +219,22 @@ def test_modulation_is_exposed_per_layer_and_head(rule):
         torch.testing.assert_close(d, torch.full((2,), 0.9))
 
 
+def test_modulation_by_kind_averages_each_kind():
+    torch.manual_seed(0)
+    task = CopyTask(length=4, delay=3, n_symbols=4)
+    net = PlasticTransformer(rule="hebbian", d_model=8, n_layers=2, max_len=task.seq_len, **task.io)
+    b = task.batch(5, torch.Generator().manual_seed(0))
+    mk = modulation_by_kind(net, b, len(task.kinds))
+    assert mk.shape == (2, 2, 5)
+    m = net.modulation(b["x"])["layer1"]                      # (B, H, T)
+    for c in range(5):
+        sel = b["kind"] == c
+        if sel.any():
+            torch.testing.assert_close(mk[1, :, c], m.permute(1, 0, 2)[:, sel].mean(1))
+        else:
+            assert mk[:, :, c].isnan().all()
+
+
 @pytest.mark.parametrize("kwargs,word", [
     (dict(rule="oja"), "rule"), (dict(form="chunk"), "form"), (dict(n_heads=0), "n_heads"),
     (dict(eta_max=0.0), "eta_max"), (dict(decay=1.5), "decay")])
@@ -241,14 +258,23 @@ def test_bad_model_and_task_arguments():
 
 # -- tasks ------------------------------------------------------------------------------------
 def test_copy_targets_are_the_symbols_after_the_delimiter():
-    task = CopyTask(length=5, delay=3, n_symbols=4)
+    task = CopyTask(length=5, delay=3, n_symbols=4, random_delay=False)
     b = task.batch(6, torch.Generator().manual_seed(0))
     assert b["x"].shape == (6, 13) and task.seq_len == 13
     assert (b["x"][:, 8] == task.delim).all() and (b["x"][:, 5:8] == task.blank).all()
     assert (b["x"][:, 9:] == task.blank).all()
     assert torch.equal(b["y"][b["mask"]].reshape(6, 5), b["x"][:, :5])
-    assert [task.kinds[i] for i in b["kind"][[0, 5, 8, 9]]] == ["symbol", "delay", "delimiter",
-                                                               "recall"]
+    assert [task.kinds[i] for i in b["kind"][0, [0, 5, 8, 9]]] == ["symbol", "delay",
+                                                                  "delimiter", "recall"]
+    # random delays: the recall starts at each sequence's own delimiter
+    task = CopyTask(length=5, delay=6, n_symbols=4)
+    b = task.batch(64, torch.Generator().manual_seed(0))
+    delim = (b["x"] == task.delim).int().argmax(1)
+    assert len(set(delim.tolist())) > 3 and (delim >= 5).all() and (delim <= 11).all()
+    assert torch.equal(b["y"][b["mask"]].reshape(64, 5), b["x"][:, :5])
+    assert (b["mask"].int().argmax(1) == delim).all()
+    assert (b["kind"][torch.arange(64), delim] == 2).all()
+    assert ((b["kind"] == 1).sum(1) == delim - 5).all()     # the delay blanks
 
 
 def test_regression_tokens_hold_linear_pairs_and_ridge_solves_them():
@@ -304,3 +330,22 @@ def test_cli_runs_saves_and_reloads(tmp_path, capsys):
         loss = RegressionTask(**kw).metrics(net(b["x"]), b)["loss"]
     assert loss == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
     assert "plastic regression hebbian seed 1" in capsys.readouterr().out
+
+
+def test_benchmark_script_writes_tables_and_figure(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plastic_transformers.py"
+    spec = importlib.util.spec_from_file_location("plastic_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "res"
+    assert bench.main(["--tasks", "fewshot", "--seeds", "0", "--steps-scale", "0.001",
+                       "--eval-size", "16", "--out", str(out), "--models-dir",
+                       str(tmp_path / "models")]) == 0
+    md = (tmp_path / "res.md").read_text()
+    assert "### fewshot" in md and "- **fewshot**: test loss" in md and "| fewshot | hebbian | 0 |" in md
+    assert len(json.loads((tmp_path / "res.json").read_text())) == 3
+    assert (tmp_path / "res_modulation.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.safetensors")) == [
+        "fewshot_gradient_seed0.safetensors", "fewshot_hebbian_seed0.safetensors"]

@@ -13,7 +13,8 @@ copy / in-context regression / few-shot digits tasks of :mod:`~metaopt.fastweigh
 from metaopt.fastweights.layers import FastWeightProgrammer, FastWeightRNN
 from metaopt.fastweights.models import CapacityModel, RetrievalModel
 from metaopt.fastweights.plastic import (PLASTIC_RULES, PlasticBlock, PlasticBranch,
-                                         PlasticTransformer, gradient_recurrent)
+                                         PlasticTransformer, gradient_recurrent,
+                                         modulation_by_kind)
 from metaopt.fastweights.plastic_tasks import (PLASTIC_TASKS, CopyTask, FewShotDigitsTask,
                                                RegressionTask, make_plastic_task)
 from metaopt.fastweights.rules import (CHUNKWISE_RULES, FEATURE_MAPS, WRITE_RULES, WriteNet,
@@ -26,5 +27,5 @@ __all__ = ["FastWeightRNN", "FastWeightProgrammer", "CapacityModel", "RetrievalM
            "sum_recurrent", "sum_chunkwise", "delta_recurrent", "delta_chunkwise",
            "hebbian_recurrent", "hebbian_parallel", "ttt_recurrent", "learned_recurrent",
            "PLASTIC_RULES", "PlasticBranch", "PlasticBlock", "PlasticTransformer",
-           "gradient_recurrent", "PLASTIC_TASKS", "CopyTask", "RegressionTask",
+           "gradient_recurrent", "modulation_by_kind", "PLASTIC_TASKS", "CopyTask", "RegressionTask",
            "FewShotDigitsTask", "make_plastic_task"]

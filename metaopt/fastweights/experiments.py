@@ -139,7 +139,7 @@ def train_capacity(rule: str = "delta", num_keys: int = 20, setting: int = 2, d_
 
 
 #: the plastic comparison's default task sizes (sequences of 48, 32 and 10 tokens)
-PLASTIC_TASK_DEFAULTS = {"copy": {"length": 20, "delay": 8, "n_symbols": 8},
+PLASTIC_TASK_DEFAULTS = {"copy": {"length": 16, "delay": 16, "n_symbols": 8, "random_delay": True},
                          "regression": {"n_points": 16, "dim": 4, "noise": 0.1},
                          "fewshot": {"n_way": 5, "k_shot": 1, "n_query": 5}}
 

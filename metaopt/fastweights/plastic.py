@@ -247,3 +247,19 @@ class PlasticTransformer(nn.Module):
         with torch.no_grad():
             _, aux = self(x, return_aux=True)
         return {f"layer{i}": m for i, m in enumerate(aux["modulation"])}
+
+
+def modulation_by_kind(net: PlasticTransformer, batch: Dict[str, Tensor], n_kinds: int) -> Tensor:
+    """Mean modulatory signal per layer, head and token kind: ``(layers, heads, n_kinds)``
+    (``batch["kind"] (B, T)`` as the tasks of :mod:`~metaopt.fastweights.plastic_tasks` give it;
+    NaN for a kind that does not occur)."""
+    mods = torch.stack(list(net.modulation(batch["x"]).values()))      # (L, B, H, T)
+    kind = batch["kind"]
+    out = torch.full((*mods.shape[:1], mods.shape[2], n_kinds), float("nan"))
+    for c in range(n_kinds):
+        sel = (kind == c)
+        if sel.any():
+            w = sel.to(mods.dtype)[None, :, None, :]                     # (1, B, 1, T)
+            out[..., c] = (mods * w).sum((1, 3)) / w.sum((1, 3))
+    return out
+

@@ -2,14 +2,16 @@
 
 Every task's ``batch(batch_size, generator)`` returns a dict of tensors:
 ``x`` the inputs (token ids ``(B, T)`` or features ``(B, T, input_dim)``), ``y`` the targets
-``(B, T)``, ``mask`` ``(B, T)`` the scored positions, ``kind`` ``(T,)`` the token kind of each
+``(B, T)``, ``mask`` ``(B, T)`` the scored positions, ``kind`` ``(B, T)`` the token kind of each
 position (names in ``task.kinds``; the modulation figure averages over them). ``loss(out, batch)``
 is the training loss on the scored positions, ``metrics(out, batch)`` adds the task's readable
 figure (accuracy / MSE).
 
-* ``copy``: ``n_symbols`` random symbols, ``delay`` blanks, a delimiter, then ``length - 1``
-  blanks during which the model must output the symbols in order (targets at the delimiter and
-  the recall blanks). Cross-entropy, per-symbol accuracy.
+* ``copy``: ``length`` random symbols (of ``n_symbols``), a delay of blanks, a delimiter, then
+  ``length - 1`` blanks during which the model must output the symbols in order (targets at the
+  delimiter and the recall blanks). With ``random_delay`` the delay is drawn per sequence from
+  ``0..delay`` (blanks pad the end), so the recall must key on the delimiter rather than on
+  absolute positions. Cross-entropy, per-symbol accuracy.
 * ``regression``: in-context linear regression (Garg et al. 2022): ``w ~ N(0, I/dim)`` per
   sequence, pairs ``(x_i, y_i = w.x_i + noise)`` interleaved as tokens ``[x_i, 0]``, ``[0, y_i]``;
   at every x-token the model predicts ``y_i`` from the earlier pairs. MSE (``E y^2 = 1``).
@@ -37,30 +39,38 @@ class CopyTask:
     """Delayed copying; the vocabulary is ``n_symbols`` symbols, a blank and a delimiter."""
 
     name = "copy"
-    kinds = ("symbol", "delay", "delimiter", "recall")
+    kinds = ("symbol", "delay", "delimiter", "recall", "pad")
 
-    def __init__(self, length: int = 20, delay: int = 8, n_symbols: int = 8):
+    def __init__(self, length: int = 16, delay: int = 16, n_symbols: int = 8,
+                 random_delay: bool = True):
         if length < 1 or delay < 0 or n_symbols < 2:
             raise ValueError(f"Invalid copy task: length={length}, delay={delay}, "
                              f"n_symbols={n_symbols} (need length >= 1, delay >= 0, n_symbols >= 2)")
         self.length, self.delay, self.n_symbols = int(length), int(delay), int(n_symbols)
+        self.random_delay = bool(random_delay)
         self.blank, self.delim = self.n_symbols, self.n_symbols + 1
         self.seq_len = 2 * self.length + self.delay
         self.io = {"vocab_size": self.n_symbols + 2, "output_dim": self.n_symbols}
-        L, D = self.length, self.delay
-        self.kind = torch.tensor([0] * L + [1] * D + [2] + [3] * (L - 1))
 
     def batch(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Batch:
-        L, D = self.length, self.delay
-        s = torch.randint(0, self.n_symbols, (batch_size, L), generator=generator)
-        x = torch.full((batch_size, self.seq_len), self.blank)
+        L, B, T = self.length, batch_size, self.seq_len
+        s = torch.randint(0, self.n_symbols, (B, L), generator=generator)
+        d = (torch.randint(0, self.delay + 1, (B,), generator=generator) if self.random_delay
+             else torch.full((B,), self.delay))
+        pos = torch.arange(T)
+        start = (L + d)[:, None]                                # the delimiter's position
+        x = torch.full((B, T), self.blank)
         x[:, :L] = s
-        x[:, L + D] = self.delim
+        x[torch.arange(B), L + d] = self.delim
+        mask = (pos >= start) & (pos < start + L)
         y = torch.zeros_like(x)
-        y[:, L + D:] = s
-        mask = torch.zeros_like(x, dtype=torch.bool)
-        mask[:, L + D:] = True
-        return {"x": x, "y": y, "mask": mask, "kind": self.kind}
+        y[mask] = s.reshape(-1)                                 # row-major: in order per row
+        kind = torch.full((B, T), 4)
+        kind[:, :L] = 0
+        kind[(pos >= L) & (pos < start)] = 1
+        kind[mask] = 3
+        kind[pos == start] = 2
+        return {"x": x, "y": y, "mask": mask, "kind": kind}
 
     def loss(self, out: Tensor, b: Batch) -> Tensor:
         return F.cross_entropy(out[b["mask"]], b["y"][b["mask"]])
@@ -83,7 +93,6 @@ class RegressionTask:
         self.n_points, self.dim, self.noise = int(n_points), int(dim), float(noise)
         self.seq_len = 2 * self.n_points
         self.io = {"input_dim": self.dim + 1, "output_dim": 1}
-        self.kind = torch.arange(self.seq_len) % 2
 
     def batch(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Batch:
         n, d = self.n_points, self.dim
@@ -97,7 +106,8 @@ class RegressionTask:
         y[:, 0::2] = ys
         mask = torch.zeros(batch_size, 2 * n, dtype=torch.bool)
         mask[:, 0::2] = True
-        return {"x": x, "y": y, "mask": mask, "kind": self.kind, "w": w}
+        kind = (torch.arange(2 * n) % 2).expand(batch_size, -1)
+        return {"x": x, "y": y, "mask": mask, "kind": kind, "w": w}
 
     def loss(self, out: Tensor, b: Batch) -> Tensor:
         return F.mse_loss(out[..., 0][b["mask"]], b["y"][b["mask"]])
@@ -158,7 +168,6 @@ class FewShotDigitsTask:
         self.n_support = self.n_way * self.k_shot
         self.seq_len = self.n_support + self.n_query
         self.io = {"input_dim": 64 + self.n_way + 1, "output_dim": self.n_way}
-        self.kind = torch.tensor([0] * self.n_support + [1] * self.n_query)
 
     def batch(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Batch:
         N, K, Q = self.n_way, self.k_shot, self.n_query
@@ -186,7 +195,7 @@ class FewShotDigitsTask:
             y[e, N * K:] = q_labels
         mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
         mask[:, N * K:] = True
-        return {"x": x, "y": y, "mask": mask, "kind": self.kind}
+        return {"x": x, "y": y, "mask": mask, "kind": mask.long()}
 
     def loss(self, out: Tensor, b: Batch) -> Tensor:
         return F.cross_entropy(out[b["mask"]], b["y"][b["mask"]])
