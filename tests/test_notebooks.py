@@ -30,7 +30,8 @@ def test_notebook_executes(path, tmp_path):
 
 def test_notebooks_stored_with_outputs_and_figures():
     assert [p.name for p in NB] == ["01_quickstart.ipynb", "02_learned_rate_schedules.ipynb",
-                                    "03_discretizations.ipynb", "04_new_task.ipynb", "05_fast_weights.ipynb"]
+                                    "03_discretizations.ipynb", "04_new_task.ipynb", "05_fast_weights.ipynb",
+                                    "06_plastic_transformers.ipynb"]
     for path in NB:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
