@@ -126,10 +126,9 @@ def test_dcp_distributed_state_dict_api_round_trips_the_state(tmp_path):
     _continue_equal(model, opt, model2, opt2)
 
 
-@pytest.mark.xfail(strict=True, reason="get_optimizer_state_dict keeps only 'state' and "
-                   "'param_groups' of LearnedOptimizer.state_dict(): the top-level 'theta' is "
-                   "dropped, and set_optimizer_state_dict leaves the fresh optimizer's theta")
 def test_dcp_distributed_state_dict_api_keeps_theta(tmp_path):
+    """get_optimizer_state_dict keeps only 'state' and 'param_groups': theta travels as
+    ``theta.<key>`` under every parameter's entry, and load_state_dict takes it from there."""
     dcp = _dcp()
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
@@ -173,10 +172,9 @@ def test_dcp_full_state_dict_keeps_theta_given_a_complete_template(tmp_path):
     _continue_equal(model, opt, model2, opt2)
 
 
-@pytest.mark.xfail(strict=True, reason="a fresh LearnedOptimizer.state_dict() has an empty "
-                   "'state' (the rule state is created at the first step), so dcp.load has no "
-                   "template for step/m/v/rms0 and loads only theta and param_groups")
 def test_dcp_full_state_dict_loads_into_a_fresh_optimizer(tmp_path):
+    """A fresh optimizer's state_dict() is a complete template (its rule state is created
+    there), so dcp.load fills step/m/v/rms0 and theta."""
     dcp = _dcp()
     model, opt = _trained(theta_shift=0.01)
     dcp.save(opt.state_dict(), checkpoint_id=str(tmp_path))
@@ -189,6 +187,35 @@ def test_dcp_full_state_dict_loads_into_a_fresh_optimizer(tmp_path):
     for k, v in opt.rule_state.items():
         assert torch.equal(opt2.rule_state[k], v), k
     _continue_equal(model, opt, model2, opt2)
+
+
+def test_state_dict_keeps_theta_per_parameter_and_is_complete_when_fresh():
+    """The plain format: theta at the top level and as ``theta.<key>`` under every entry (either
+    suffices to load it); a fresh optimizer's state_dict already holds the full state."""
+    from metaopt.rules.io import CheckpointError
+    model, opt = _trained(theta_shift=0.01)
+    sd = copy.deepcopy(opt.state_dict())
+    for i, entry in sd["state"].items():
+        for k, v in opt.theta.items():
+            assert torch.equal(entry["theta." + k], v), (i, k)
+    del sd["theta"]
+    model2 = copy.deepcopy(model)
+    opt2 = LearnedOptimizer.from_pretrained(model2.named_parameters(), "default")
+    fresh = opt2.state_dict()
+    n = sum(1 for _ in model2.parameters())
+    assert sorted(fresh["state"]) == list(range(n))
+    assert {"step", "m", "v", "rms0"} <= set(fresh["state"][0])
+    assert int(fresh["state"][0]["step"]) == 0
+    opt2.load_state_dict(sd)
+    for k, v in opt.theta.items():
+        assert torch.equal(opt2.theta[k], v), k
+    _continue_equal(model, opt, model2, opt2)
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["theta.w0"] = bad["state"][0]["theta.w0"][:1]
+    for e in list(bad["state"].values())[1:]:
+        del e["theta.w0"]
+    with pytest.raises(CheckpointError, match="w0"):
+        opt2.load_state_dict(bad)
 
 
 # -- (c) mixed precision: bf16 parameters ------------------------------------------------------------
@@ -215,21 +242,18 @@ def test_bf16_params_train():
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.xfail(strict=True, reason="rule.init builds the state with the parameters' dtype "
-                   "(zeros_like of the flat bf16 view), so step, m, v and rms0 are bfloat16; in bf16 "
-                   "v <- 0.999 v rounds back to v (8-bit mantissa: the second moment never decays) "
-                   "and the step counter stops at 256 (256 + 1 rounds to 256)")
 def test_bf16_params_keep_float32_state():
+    """In bf16, v <- 0.999 v would round back to v and the step counter stop at 256: the state
+    of low-precision parameters is float32 (built from float32 copies of them)."""
     _, opt, _ = _bf16_run(steps=3)
     st = opt.rule_state
     for k in ("step", "m", "v", "rms0"):
         assert st[k].dtype == torch.float32, (k, st[k].dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="float16 state: (1 - beta2) g^2 underflows to 0 for "
-                   "|g| < ~8e-3 and eps = 1e-8 rounds to 0 in float16, so m / (sqrt(v) + eps) "
-                   "divides by zero at the first step and the parameters become inf/nan")
 def test_fp16_params_stay_finite():
+    """In float16, (1 - beta2) g^2 underflows for |g| < ~8e-3 and eps = 1e-8 rounds to 0, so a
+    float16 m / (sqrt(v) + eps) would divide by zero at step 1; the update is computed in float32."""
     model = _model(torch.float16)
     opt = LearnedOptimizer.from_pretrained(model.named_parameters(), "default")
     x, y = _batches(torch.float16, n=1)[0]
@@ -238,6 +262,48 @@ def test_fp16_params_stay_finite():
         nn.functional.mse_loss(model(x).float(), y.float()).backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_low_precision_step_is_the_float32_step_rounded(dtype, wd):
+    """Each step of a bf16/fp16 model equals the float32 optimizer's step on the same values
+    (parameters and gradients upcast), rounded to the parameters' dtype; the state is the same."""
+    model = _model(dtype)
+    ref = copy.deepcopy(model).float()
+    opt = LearnedOptimizer.from_pretrained(model.named_parameters(), "default", weight_decay=wd)
+    opt32 = LearnedOptimizer.from_pretrained(ref.named_parameters(), "default", weight_decay=wd)
+    for x, y in _batches(dtype):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref.parameters()):
+                q.copy_(p)
+                q.grad = p.grad.float()
+        opt.step()
+        opt32.step()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert p.dtype == dtype
+            assert torch.equal(p, q.to(dtype)), n
+    for k, v in opt32.rule_state.items():
+        assert opt.rule_state[k].dtype == v.dtype and torch.equal(opt.rule_state[k], v), k
+
+
+def test_low_precision_state_stays_float32_through_state_dict():
+    """torch's load_state_dict casts state to the parameters' dtype (bf16 here); this one keeps
+    the float32 state and theta as saved."""
+    model, opt, _ = _bf16_run(steps=3)
+    sd = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = LearnedOptimizer.from_pretrained(model2.named_parameters(), "default")
+    opt2.load_state_dict(sd)
+    for k, v in opt.rule_state.items():
+        assert opt2.rule_state[k].dtype == torch.float32 and torch.equal(opt2.rule_state[k], v), k
+    del sd["theta"]    # theta from the per-parameter entries, not rounded to bf16 either
+    opt2.theta = {k: v + 1 for k, v in opt2.theta.items()}
+    opt2.load_state_dict(sd)
+    for k, v in opt.theta.items():
+        assert opt2.theta[k].dtype == v.dtype and torch.equal(opt2.theta[k], v), k
 
 
 # -- (d) no host syncs in step() ------------------------------------------------------------------
@@ -273,3 +339,26 @@ def test_step_reads_no_tensor_values_on_the_host_meta_device():
     model = _gpt_like("meta")
     opt = LearnedOptimizer.from_pretrained(model.named_parameters(), "default")
     opt.step()
+
+
+# -- (e) FSDP2 / DTensor parameters: refused with a one-line error -------------------------------
+def test_dtensor_params_are_refused():
+    """Sharded (DTensor) parameters, as FSDP2's fully_shard makes them, on a 1-rank gloo group."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match=r"parameter 1 is a DTensor .*not supported"):
+            LearnedOptimizer([nn.Parameter(torch.randn(3)), sharded])
+        opt = LearnedOptimizer([nn.Parameter(torch.randn(3))])
+        with pytest.raises(NotImplementedError, match="DTensor"):
+            opt.add_param_group({"params": [sharded]})
+        assert len(opt.param_groups) == 1 and opt.spec.num_tensors == 1   # left as it was
+    finally:
+        dist.destroy_process_group()

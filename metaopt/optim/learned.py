@@ -22,9 +22,27 @@ It behaves like the optimizers of ``torch.optim`` (tested against Adam/SGD in
   parameter. ``state_dict()["state"]`` is therefore keyed by parameter index, with
   ``param_groups`` (incl. ``param_names``) as in torch; ``load_state_dict`` reassembles the flat
   state. The extra top-level keys ``rule`` and ``theta`` make a full ``state_dict`` self-contained;
-  ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps only ``state`` and
-  ``param_groups`` (theta is a fixed, trained hyperparameter set given at construction).
-  ``opt.state`` is a view for reading; write state with ``load_state_dict``.
+  theta is also stored as ``theta.<key>`` under every parameter's entry (like ``step``), so
+  ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict``, which keep only ``state``
+  and ``param_groups``, carry it too (``load_state_dict`` takes it from there when the top-level
+  ``theta`` is absent). ``state_dict()`` creates the rule state if no step has (step 0, zero
+  moments, ``rms0`` from the parameters then), so a fresh optimizer's dict is a complete
+  template for ``dcp.load``. ``opt.state`` is a view for reading; write state with
+  ``load_state_dict``.
+* **Mixed precision.** The rule state of float32/float64 parameters has their dtype. For
+  **bf16/fp16 parameters** it is float32 (``step``, ``m``, ``v``, ``rms0``, ``h``: built from
+  float32 copies of the parameters), and each step computes the update in float32 on float32
+  copies of those parameters and their gradients, then writes the result back rounded to the
+  parameter's dtype (the same step as a float32 model holding the same values, tested equal).
+  Cost: the state takes 8 bytes per coordinate as for float32 parameters, and each step
+  allocates float32 copies of the low-precision parameters and gradients (8 bytes per
+  coordinate, transient) and makes three extra passes (two upcasts, one copy back). There are
+  no float32 master weights: an update below half a bf16 ulp of a weight is rounded away, as
+  with ``torch.optim`` on bf16 parameters; keep float32 parameters (autocast) to avoid that.
+  ``load_state_dict`` keeps the saved float32 state (torch's own casts it to the parameters'
+  dtype).
+* **Sharded parameters** (``DTensor``, from FSDP2's ``fully_shard`` or tensor parallelism) are
+  refused with a ``NotImplementedError``; use DDP (see docs/at-scale.md).
 * **No closure.** ``loss.backward(); opt.step()`` works (GradScaler, transformers' Trainer). A
   rule that reads the loss (``needs_loss``) then gets a neutral loss -- its running loss mean, so
   the loss-surprise feature is 0 -- and its loss statistics (``loss_mean``/``loss_var``) are left
@@ -39,6 +57,7 @@ them (deep-copy it to keep a snapshot).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -65,6 +84,32 @@ _LOSS_STAT_KEYS = ("loss_mean", "loss_var")
 _GROUP_KEYS = {"lr", "weight_decay", "param_names", "initial_lr"}
 #: below this, a group lr is most likely an Adam learning rate passed out of habit
 _SMALL_LR = 0.1
+#: parameter dtypes whose rule state is float32 and whose update is computed in float32
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: prefix of the theta entries stored under every parameter's ``state_dict()["state"]`` entry
+_THETA_PREFIX = "theta."
+
+
+def _state_view(p: Tensor) -> Tensor:
+    """What the rule state is built from: float32 for low-precision parameters."""
+    return p.detach().float() if p.dtype in _LOW_PRECISION else p
+
+
+def _refuse_dtensors(params, first: int) -> None:
+    """A one-line NotImplementedError for sharded (``DTensor``) parameters, e.g. from FSDP2's
+    ``fully_shard``: the rule keeps one flat state over all the parameters' coordinates and
+    reduces each tensor whole, which shards cannot do yet (docs/at-scale.md)."""
+    mod = sys.modules.get("torch.distributed.tensor")   # not imported: no DTensor exists
+    dtensor = getattr(mod, "DTensor", None)
+    if dtensor is None:
+        return
+    for j, p in enumerate(params):
+        if isinstance(p, dtensor):
+            raise NotImplementedError(
+                f"LearnedOptimizer: parameter {first + j} is a DTensor (placements "
+                f"{list(p.placements)}; FSDP2 fully_shard / tensor parallel): sharded parameters "
+                f"are not supported yet (the rule's state and per-tensor statistics need whole "
+                f"tensors); use DDP or unsharded parameters")
 
 
 def _check_group(group: dict, rule: Rule, where: str) -> None:
@@ -131,7 +176,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     ``LearnedOptimizer.from_pretrained(model.named_parameters(), path)`` loads a rule
     checkpoint written by ``metaopt-train``. Use it like any torch optimizer
     (``zero_grad``/``backward``/``step``, param groups, LR schedulers, ``state_dict``).
-    See the module docstring for the details of state, closures and copies.
+    The rule state has the parameters' dtype for float32/float64 parameters and is float32 for
+    bf16/fp16 ones, whose update is computed in float32 and written back rounded.
+    See the module docstring for the details of state, mixed precision, closures and copies.
     """
 
     def __init__(self, params, rule: Union[Rule, str, None] = None, theta: Optional[Params] = None,
@@ -236,7 +283,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             where = f"param_groups[{len(self.param_groups)}]"
             _check_group({k: v for k, v in param_group.items() if k != "params"}, self.rule, where)
         if not self.__dict__.get("_ready"):  # called from Optimizer.__init__
-            return super().add_param_group(param_group)
+            first = len(self._plist())
+            super().add_param_group(param_group)
+            return _refuse_dtensors(self.param_groups[-1]["params"], first)
         if self.rule.spec_dependent:
             raise ValueError(f"add_param_group: rule {self.rule.name!r} is spec-dependent (its theta "
                              f"has one entry per parameter tensor of the model it was trained for), "
@@ -244,12 +293,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         old_spec = self.spec
         flat = self._flat
         super().add_param_group(param_group)
+        try:
+            _refuse_dtensors(self.param_groups[-1]["params"], old_spec.num_tensors)
+        except NotImplementedError:
+            self.param_groups.pop()
+            raise
         self._rebuild_spec()
         if flat is not None:
             new = self._plist()[old_spec.num_tensors:]
             new_names = self._names[old_spec.num_tensors:]
-            with torch.no_grad():
-                fresh = self.rule.init(dict(zip(new_names, new)))
+            fresh = self._init_state(new_names, new)
             self._flat = Layout(self.rule.state_layout, flat, old_spec).extend(flat, fresh)
             self._views_stale = True
 
@@ -271,10 +324,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _rule_state(self, params=None) -> State:
         """The flat rule state, initialized if needed."""
         if self._flat is None:
-            with torch.no_grad():
-                self._flat = self.rule.init(dict(zip(self._names, self._plist())))
+            self._flat = self._init_state()
             self._views_stale = True
         return self._flat
+
+    def _init_state(self, names=None, params=None) -> State:
+        """The rule's fresh state for ``params`` (default: all), built from float32 copies of
+        low-precision (bf16/fp16) parameters so that its floating-point entries are float32."""
+        names = self._names if names is None else names
+        params = self._plist() if params is None else params
+        with torch.no_grad():
+            return self.rule.init({n: _state_view(p) for n, p in zip(names, params)})
 
     @state.setter
     def state(self, value):
@@ -294,23 +354,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(self._plist()):
             st[p] = {k: layout.part(k, v, i) for k, v in flat.items()}
 
-    def _assemble(self) -> None:
-        """Rebuild the flat rule state from per-parameter entries (after load_state_dict); a
-        tensor without saved state gets the rule's fresh init."""
-        st = self.__dict__["state"]
+    def _assemble(self, entries: List[Optional[dict]]) -> None:
+        """Rebuild the flat rule state from the saved per-parameter entries (one per parameter,
+        in order; cast to the fresh state's dtype and device); a tensor without saved state gets
+        the rule's fresh init."""
+        self._views_stale = True
         plist = self._plist()
-        if not any(st.get(p) for p in plist):
+        if not any(entries):
             self._flat = None
             return
-        with torch.no_grad():
-            expected = self.rule.init(dict(zip(self._names, plist)))
+        expected = self._init_state()
         layout = self._layout(expected)
         flat = {}
         for k, ref in expected.items():
             parts = []
             for i, p in enumerate(plist):
                 want = layout.part(k, ref, i)
-                got = st.get(p, {}).get(k)
+                got = (entries[i] or {}).get(k)
                 if got is None:
                     got = want  # no saved state for this tensor: fresh init
                 if not isinstance(got, Tensor) or tuple(got.shape) != tuple(want.shape):
@@ -322,13 +382,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     parts.append(got)
             flat[k] = layout.assemble(k, ref, parts or [ref])
         self._flat = flat
-        self._views_stale = True
 
     def _rule_state_keys(self):
         if self._flat is not None:
             return list(self._flat)
-        with torch.no_grad():
-            return list(self.rule.init(dict(zip(self._names, self._plist()))))
+        return list(self._init_state())
 
     # -- the step -----------------------------------------------------------------------------------
     def _can_step_(self, plist, state, glist=None) -> bool:
@@ -410,7 +468,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _apply(self, a: "_Active", ctx) -> State:
         """Move the active parameters by the rule's update, scaled by their group's ``lr``
-        (through the in-place fast path where it applies); returns the rule's new state."""
+        (through the in-place fast path where it applies); returns the rule's new state.
+        Low-precision (bf16/fp16) parameters are stepped as float32 copies of themselves and
+        their gradients, written back rounded to their dtype."""
+        low = [i for i, p in enumerate(a.params) if p.dtype in _LOW_PRECISION]
+        if not low:
+            return self._apply_full(a, ctx)
+        params = [p.float() if i in low else p for i, p in enumerate(a.params)]
+        grads = [g.float() if g.dtype in _LOW_PRECISION else g for g in a.grads]
+        new_state = self._apply_full(a._replace(params=params, grads=grads), ctx)
+        for i in low:
+            a.params[i].copy_(params[i])
+        return new_state
+
+    def _apply_full(self, a: "_Active", ctx) -> State:
         if self._can_step_(a.params, a.state, a.grads):
             return self.rule.step_(a.theta, a.params, a.grads, a.state, a.spec, ctx, a.lrs)
         updates, new_state = self.rule.update(a.theta, dict(zip(a.spec.names, a.grads)), a.state,
@@ -422,8 +493,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     # -- serialization ------------------------------------------------------------------------------
     def state_dict(self):
+        """torch's layout, complete from construction on (a fresh optimizer's rule state is
+        created here, so the dict is a template that ``dcp.load`` can fill), with theta both at
+        the top level and as ``theta.<key>`` under every parameter's entry (where
+        ``get_optimizer_state_dict``, which keeps only ``state`` and ``param_groups``, keeps it)."""
+        self._rule_state()
         sd = super().state_dict()
-        sd["theta"] = {k: v.clone() for k, v in self.theta.items()}
+        theta = {k: v.clone() for k, v in self.theta.items()}
+        per = {_THETA_PREFIX + k: v for k, v in theta.items()}
+        n = len(self._plist())
+        sd["state"] = {i: ({**e, **per} if isinstance(i, int) and 0 <= i < n and isinstance(e, dict)
+                           else e) for i, e in sd["state"].items()}
+        sd["theta"] = theta
         sd["rule"] = self.rule.describe()
         return sd
 
@@ -445,7 +526,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise CheckpointError(
                     f"state_dict['param_groups'][{i}] has key {foreign[0]!r}: not a "
                     f"LearnedOptimizer state_dict (one of another torch.optim optimizer?)")
-        expected_keys = set(self._rule_state_keys())
+        expected_keys = set(self._rule_state_keys()) | {_THETA_PREFIX + k for k in self.theta}
         for i, entry in (state_dict.get("state") or {}).items():
             extra = sorted(set(entry) - expected_keys) if isinstance(entry, dict) else []
             if extra:
@@ -453,12 +534,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     f"state_dict['state'][{i}] has key {extra[0]!r}, which rule "
                     f"{self.rule.name!r} does not keep (expected {sorted(expected_keys)}): not "
                     f"a state_dict of this optimizer")
+        # the state as torch's load_state_dict gets it (after the user's pre-hooks), uncast:
+        # torch casts every entry but ``step`` to its parameter's dtype, which would round the
+        # float32 state of bf16/fp16 parameters and theta
+        seen = []
+        handle = self.register_load_state_dict_pre_hook(lambda opt, sd: seen.append(sd))
         self._views_stale = False
-        super().load_state_dict(state_dict)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        saved = seen[-1] if seen else state_dict
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        entries = [(saved.get("state") or {}).get(i) for i in ids]
+        entries = [e if isinstance(e, dict) else None for e in entries]
+        if theta is None:   # get/set_optimizer_state_dict keep theta only in the entries
+            theta = next(({k[len(_THETA_PREFIX):]: v for k, v in e.items()
+                           if k.startswith(_THETA_PREFIX)} for e in entries
+                          if e and any(k.startswith(_THETA_PREFIX) for k in e)), None)
+            if theta is not None:
+                check_theta(theta, self.theta, where="state_dict['state'] theta entries")
         if theta is not None:
             self.theta = {k: v.detach().clone().to(self.theta[k].device) for k, v in theta.items()}
         self._rebuild_spec()
-        self._assemble()
+        self._assemble([{k: v for k, v in e.items() if not k.startswith(_THETA_PREFIX)}
+                        if e else None for e in entries])
 
     # -- copies ---------------------------------------------------------------------------------------
     def __getstate__(self):
