@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from metaopt.rules.base import default_scales, flat_views, register_rule
-from metaopt.rules.pertensor import TINY, PerTensorRule
+from metaopt.rules.pertensor import TINY, PerTensorRule, _powsum
 from metaopt.types import FlatSpec, safe_sqrt
 
 #: bounds of the learned warm-up time constant (steps)
@@ -246,22 +246,35 @@ class AnchoredRule(PerTensorRule):
         return spec.unflatten(u), new
 
     # -- in-place fast path --------------------------------------------------------------------------
+    def _prev_dots(self, state, grads, spec) -> Tuple[Tensor, Tensor]:
+        """Per tensor ``<d_{t-1}, g_t>`` and ``|d_{t-1}|^2`` [T] from the moments before they move,
+        with whole-tensor ops and no host read (off the CPU; there ``_fast_stats`` computes them
+        in its pass)."""
+        q = flat_views(self._prev_direction(state["m"], state["v"],
+                                            state["step"].to(state["v"].dtype)), spec)
+        dg = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(q, grads)])
+        return dg, torch.stack(_powsum(q, 2))
+
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):
         scales = default_scales(scales, len(params))
         params, grads = list(params), list(grads)
         v_all = state["v"]
+        cpu = v_all.device.type == "cpu"
+        prev_eps = None
         if self.adapt_range:   # <d_{t-1}, g_t> and |d_{t-1}|^2, before the moments move
-            q = self._prev_direction(state["m"], v_all, state["step"].to(v_all.dtype))
-            dots = torch.stack([torch.stack([torch.dot(qv.reshape(-1), gv.reshape(-1)),
-                                             torch.dot(qv.reshape(-1), qv.reshape(-1))])
-                                for qv, gv in zip(flat_views(q, spec), grads)])
-            del q
-        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec)
+            if cpu:            # in _fast_stats' pass (d up to sqrt(bc2), which cos does not see)
+                sp = float(state["step"])
+                prev_eps = self.eps * math.sqrt(max(1 - self.beta2 ** sp, 1 - self.beta2))
+            else:
+                dots = self._prev_dots(state, grads, spec)
+        m_views, _, step, t, stats = self._fast_stats(params, grads, state, spec, prev_eps)
+        if prev_eps is not None:
+            dots, stats = (stats[:, 6], stats[:, 7]), stats[:, :6]
         new = {"step": step, "m": state["m"], "v": v_all, "rms0": state["rms0"]}
         h = None
         if self.adapt_range:
-            h = new["h"] = self._adapt(theta, state["h"], dots[:, 0], dots[:, 1], stats, t)
+            h = new["h"] = self._adapt(theta, state["h"], dots[0], dots[1], stats, t)
         lr, c = self.controller(theta, spec, stats, t, state["rms0"], h)
         # decoupled decay on the weights before this step's update (inside _apply_'s pass)
         self._apply_(params, grads, m_views, v_all, spec, lr, c, t, scales,

@@ -209,25 +209,36 @@ class PerTensorRule(Rule):
         return spec.unflatten(-lr[seg] * d), {"step": step, "m": m, "v": v}
 
     # -- in-place fast path --------------------------------------------------------------------------
-    def _fast_stats(self, params, grads, state, spec):
+    def _fast_stats(self, params, grads, state, spec, prev_eps=None):
         """The in-place half of ``step_``: per-tensor reductions before the moments move, then
         the moments updated in place. Returns (m_views, v_views, step, t, stats); ``t`` is the
-        new step as a tensor on the state's device (never read on the host)."""
+        new step as a tensor on the state's device (never read on the host). CPU only: with
+        ``prev_eps``, ``stats`` has two more columns, ``<q, g>`` and ``|q|^2`` with ``q = m_prev /
+        (sqrt(v_prev) + prev_eps)`` (the last Adam direction up to a factor), from the same pass."""
         m_all, v_all = state["m"], state["v"]
         dtype, device = v_all.dtype, v_all.device
         b1, b2 = self.beta1, self.beta2
         m_views, v_views = flat_views(m_all, spec), flat_views(v_all, spec)
         step = state["step"] + 1
         if device.type == "cpu":   # tensor by tensor, chunk by chunk, in cache
-            r = torch.empty(len(params), 5, dtype=dtype)  # <m_prev,g>, |m_prev|^2, |g|^2, sum v, |p|^2
+            # <m_prev,g>, |m_prev|^2, |g|^2, sum v, |p|^2 (, <q, g>, |q|^2)
+            cols = 5 if prev_eps is None else 7
+            r = torch.empty(len(params), cols, dtype=dtype)
+            buf = None if prev_eps is None else torch.empty(
+                min(CHUNK, max(p.numel() for p in params)), dtype=dtype)
             for i, (mv, gv, pv, vv) in enumerate(zip(m_views, grads, params, v_views)):
                 mf, gf, pf, vf = mv.view(-1), gv.reshape(-1), pv.reshape(-1), vv.view(-1)
                 n = mf.numel()
                 k = max(1, -(-n // CHUNK))
-                part = r[i:i + 1] if k == 1 else torch.empty(k, 5, dtype=dtype)
+                part = r[i:i + 1] if k == 1 else torch.empty(k, cols, dtype=dtype)
                 for j in range(k):
                     sl = slice(j * CHUNK, (j + 1) * CHUNK)
                     mc, gc, pc, vc, q = mf[sl], gf[sl], pf[sl], vf[sl], part[j]
+                    if buf is not None:
+                        d = torch.sqrt(vc, out=buf[:mc.numel()]).add_(prev_eps)
+                        torch.div(mc, d, out=d)
+                        torch.dot(d, gc, out=q[5])
+                        torch.dot(d, d, out=q[6])
                     torch.dot(mc, gc, out=q[0])
                     torch.dot(mc, mc, out=q[1])
                     torch.dot(gc, gc, out=q[2])
@@ -246,7 +257,7 @@ class PerTensorRule(Rule):
             vsum = _powsum(v_views, 1)                                    # v >= 0
             r = torch.stack([torch.stack(x) for x in (dot, mm, gg, vsum, pp)], -1)
         n = self._const("numel", spec.numels, dtype, device)
-        stats = torch.cat([r, n[:, None]], -1)
+        stats = torch.cat([r[:, :5], n[:, None], r[:, 5:]], -1)
         return m_views, v_views, step, step.to(dtype), stats
 
     def _apply_(self, params, grads, m_views, v_all, spec, lr, c, t, scales, wd=None) -> None:
