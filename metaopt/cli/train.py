@@ -1,6 +1,7 @@
 """``metaopt-train``: meta-train a rule on a task family; returns the final meta-loss.
 
     metaopt-train                                   # the task mixture, pertensor rule, nested scheme
+    metaopt-train --config-name=shipped             # the shipped default's recipe (anchored rule)
     metaopt-train rule=layerwise_lr task.widths=[64] task.depths=[2] meta.outer_steps=200
     metaopt-train resume=true hydra.run.dir=<the killed run's dir>
     torchrun --nproc_per_node=2 -m metaopt.cli.train hydra.run.dir=runs/ddp   # 2 processes

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from metaopt.rules.base import default_scales, flat_views, register_rule
-from metaopt.rules.pertensor import TINY, PerTensorRule, _powsum
+from metaopt.rules.pertensor import TINY, PerTensorRule, powsum
 from metaopt.types import FlatSpec, safe_sqrt
 
 #: bounds of the learned warm-up time constant (steps)
@@ -253,7 +253,7 @@ class AnchoredRule(PerTensorRule):
         q = flat_views(self._prev_direction(state["m"], state["v"],
                                             state["step"].to(state["v"].dtype)), spec)
         dg = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(q, grads)])
-        return dg, torch.stack(_powsum(q, 2))
+        return dg, torch.stack(powsum(q, 2))
 
     @torch.no_grad()
     def step_(self, theta, params, grads, state, spec, ctx=None, scales=None):

@@ -64,7 +64,7 @@ TINY = 1e-30
 CHUNK = 1 << 18
 
 
-def _powsum(tensors, p):
+def powsum(tensors, p):
     """Per-tensor sum of |x|^p as a list of 0-d tensors (one multi-tensor kernel on CUDA)."""
     if hasattr(torch, "_foreach_powsum"):
         return torch._foreach_powsum(tensors, p)
@@ -249,12 +249,12 @@ class PerTensorRule(Rule):
                 if k > 1:
                     torch.sum(part, 0, out=r[i])
         else:   # accelerators: multi-tensor kernels, nothing read on the host
-            mm, gg, pp = _powsum(m_views, 2), _powsum(grads, 2), _powsum(params, 2)
+            mm, gg, pp = powsum(m_views, 2), powsum(grads, 2), powsum(params, 2)
             dot = [x.sum() for x in torch._foreach_mul(m_views, grads)]  # no foreach dot product
             torch._foreach_lerp_(m_views, grads, 1 - b1)
             torch._foreach_mul_(v_views, b2)
             torch._foreach_addcmul_(v_views, grads, grads, value=1 - b2)
-            vsum = _powsum(v_views, 1)                                    # v >= 0
+            vsum = powsum(v_views, 1)                                    # v >= 0
             r = torch.stack([torch.stack(x) for x in (dot, mm, gg, vsum, pp)], -1)
         n = self._const("numel", spec.numels, dtype, device)
         stats = torch.cat([r[:, :5], n[:, None], r[:, 5:]], -1)
