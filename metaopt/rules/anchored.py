@@ -161,7 +161,7 @@ class AnchoredRule(PerTensorRule):
         relu(spike), -down, range)`` from ``dg = <d_{t-1}, g_t>``, ``dd = |d_{t-1}|^2`` and the
         controller's statistics (``spike = log(mean g_t^2 / mean v_hat)``: a gradient larger than
         its running second moment, the mark of a step that went too far)."""
-        gg, vsum, n = stats[:, 2], stats[:, 3], stats[:, 5]
+        gg, vsum = stats[:, 2], stats[:, 3]
         cos = dg * torch.rsqrt(dd * gg + TINY)
         gain = torch.exp(theta["log_adapt_gain"].to(cos.dtype))
         h = h_prev + gain * cos
@@ -195,7 +195,7 @@ class AnchoredRule(PerTensorRule):
         spike = torch.log(gg / n / v_mean + 1e-8)
         floor = torch.exp(th["log_floor"]) * inv_sqrt_fan
         growth = torch.log((torch.sqrt(pp / n) + floor) / (rms0 + floor))
-        tf = torch.tanh(step / torch.tensor(self.time_taus, dtype=dtype, device=device))
+        tf = torch.tanh(step / self._const("taus", self.time_taus, dtype, device))
         glob = torch.cat([tf, torch.log1p(step).reshape(1) / 10])
         per = [cos, snr.clamp(-10, 2) / 5, spike.clamp(-10, 5) / 5, is_vec, growth.clamp(-3, 3) / 3]
         if self.adapt_range:
