@@ -77,12 +77,17 @@ class FlatSpec:
         return cls(tuple(n for n, _ in pairs), tuple(tuple(s) for _, s in pairs))
 
 
+def segment_sum(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
+    """Sum of ``x`` (last dim = flat coordinates) within each segment -> [..., num_segments]
+    (differentiable and vmappable)."""
+    sums = torch.zeros(x.shape[:-1] + (num_segments,), dtype=x.dtype, device=x.device)
+    return sums.index_add(-1, seg, x)
+
+
 def segment_mean(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
     """Mean of ``x`` (last dim = flat coordinates) within each segment -> [..., num_segments]."""
     counts = torch.bincount(seg, minlength=num_segments).to(x.dtype)
-    sums = torch.zeros(x.shape[:-1] + (num_segments,), dtype=x.dtype, device=x.device)
-    sums = sums.index_add(-1, seg, x)
-    return sums / counts
+    return segment_sum(x, seg, num_segments) / counts
 
 
 def safe_sqrt(x: Tensor) -> Tensor:

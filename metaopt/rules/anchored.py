@@ -59,7 +59,7 @@ from torch import Tensor
 
 from metaopt.rules.base import default_scales, flat_views, register_rule
 from metaopt.rules.pertensor import TINY, PerTensorRule, powsum
-from metaopt.types import FlatSpec, safe_sqrt
+from metaopt.types import FlatSpec, safe_sqrt, segment_sum
 
 #: bounds of the learned warm-up time constant (steps)
 WARMUP_RANGE = (1.0, 200.0)
@@ -229,13 +229,8 @@ class AnchoredRule(PerTensorRule):
         if self.adapt_range:
             T = spec.num_tensors
             q = self._prev_direction(state["m"], state["v"], t - 1)
-
-            def seg_sum(x):
-                return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype,
-                                   device=x.device).index_add(-1, seg, x)
-
-            h = new["h"] = self._adapt(theta, state["h"].to(g.dtype), seg_sum(q * g),
-                                       seg_sum(q * q), stats, t)
+            h = new["h"] = self._adapt(theta, state["h"].to(g.dtype), segment_sum(q * g, seg, T),
+                                       segment_sum(q * q, seg, T), stats, t)
         lr, c = self.controller(theta, spec, stats, t, state["rms0"].to(g.dtype), h)
         den = safe_sqrt(v / (1 - self.beta2 ** t)) + self.eps
         d = (m / (1 - self.beta1 ** t) + c[seg] * g) / den

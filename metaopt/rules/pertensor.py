@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from metaopt.rules.base import Rule, default_scales, flat_views, register_rule
-from metaopt.types import FlatSpec, safe_sqrt
+from metaopt.types import FlatSpec, safe_sqrt, segment_sum
 
 TINY = 1e-30
 #: coordinates per chunk of the CPU fast path: the reductions, the moment updates and the update
@@ -192,13 +192,9 @@ class PerTensorRule(Rule):
         t = step.to(g.dtype)
         m = self.beta1 * m_prev + (1 - self.beta1) * g
         v = self.beta2 * v_prev + (1 - self.beta2) * g * g
-
-        def seg_sum(x):
-            return torch.zeros(x.shape[:-1] + (T,), dtype=x.dtype, device=x.device).index_add(-1, seg, x)
-
         n = torch.tensor(spec.numels, dtype=g.dtype, device=g.device)
-        stats = torch.stack([seg_sum(m_prev * g), seg_sum(m_prev * m_prev), seg_sum(g * g),
-                             seg_sum(v), seg_sum(p * p), n], -1)
+        sums = [segment_sum(x, seg, T) for x in (m_prev * g, m_prev * m_prev, g * g, v, p * p)]
+        stats = torch.stack(sums + [n], -1)
         return spec, seg, g, p, m, v, step, t, stats
 
     def update(self, theta, grads, state, params, ctx=None):
