@@ -108,19 +108,26 @@ def _dcp():
     return dcp
 
 
-def test_dcp_distributed_state_dict_api_round_trips_the_state(tmp_path):
-    """The documented DCP recipe (get/set_optimizer_state_dict + dcp.save/load), single process,
-    with the shipped theta on both sides: state and step survive, training continues identically."""
+def _dcp_state_dict_api_round_trip(tmp_path, **trained):
+    """A trained optimizer saved with get_optimizer_state_dict + dcp.save and loaded into a
+    fresh one (shipped theta) with dcp.load + set_optimizer_state_dict: (model, opt, model2, opt2)."""
     dcp = _dcp()
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
-    model, opt = _trained()
+    model, opt = _trained(**trained)
     dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
     model2 = copy.deepcopy(model)
     opt2 = LearnedOptimizer.from_pretrained(model2.named_parameters(), "default")
     sd = {"optim": get_optimizer_state_dict(model2, opt2)}   # initializes opt2's state
     dcp.load(sd, checkpoint_id=str(tmp_path))
     set_optimizer_state_dict(model2, opt2, sd["optim"])
+    return model, opt, model2, opt2
+
+
+def test_dcp_distributed_state_dict_api_round_trips_the_state(tmp_path):
+    """The documented DCP recipe (get/set_optimizer_state_dict + dcp.save/load), single process,
+    with the shipped theta on both sides: state and step survive, training continues identically."""
+    model, opt, model2, opt2 = _dcp_state_dict_api_round_trip(tmp_path)
     for k, v in opt.rule_state.items():
         assert torch.equal(opt2.rule_state[k], v), k
     _continue_equal(model, opt, model2, opt2)
@@ -129,16 +136,7 @@ def test_dcp_distributed_state_dict_api_round_trips_the_state(tmp_path):
 def test_dcp_distributed_state_dict_api_keeps_theta(tmp_path):
     """get_optimizer_state_dict keeps only 'state' and 'param_groups': theta travels as
     ``theta.<key>`` under every parameter's entry, and load_state_dict takes it from there."""
-    dcp = _dcp()
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-    model, opt = _trained(theta_shift=0.01)
-    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
-    model2 = copy.deepcopy(model)
-    opt2 = LearnedOptimizer.from_pretrained(model2.named_parameters(), "default")
-    sd = {"optim": get_optimizer_state_dict(model2, opt2)}
-    dcp.load(sd, checkpoint_id=str(tmp_path))
-    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    model, opt, model2, opt2 = _dcp_state_dict_api_round_trip(tmp_path, theta_shift=0.01)
     for k, v in opt.theta.items():
         assert torch.equal(opt2.theta[k], v), k
     _continue_equal(model, opt, model2, opt2)
