@@ -20,14 +20,6 @@ from metaopt.tasks.data import load_sklearn
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qkv(B=3, T=9, dk=4, dv=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, dk, generator=g, dtype=D)
