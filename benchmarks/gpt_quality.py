@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import header, set_threads  # noqa: E402
 
 from metaopt import LearnedOptimizer  # noqa: E402
+from metaopt.tasks.charlm import CharLMModule  # noqa: E402
 from metaopt.tasks.data import CharVocab, load_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,48 +46,18 @@ ADAMW_LRS = (1e-3, 3e-3, 1e-2)
 LN2 = math.log(2.0)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, n_heads: int):
-        super().__init__()
-        self.h = n_heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.out = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        qkv = self.qkv(self.ln1(x)).reshape(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    """Pre-LN causal decoder: token + learned position embeddings, blocks, final LN, head."""
-
-    def __init__(self, vocab: int, ctx: int, d: int, n_layers: int, n_heads: int):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-        for name, p in self.named_parameters():  # GPT-2 style init
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, x, y):
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
-        for blk in self.blocks:
-            h = blk(h)
-        logits = self.head(self.ln_f(h))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+def gpt(vocab: int, ctx: int, d: int, n_layers: int, n_heads: int) -> CharLMModule:
+    """The project's pre-LN causal character LM (:class:`metaopt.tasks.charlm.CharLMModule`:
+    token + learned position embeddings, blocks, final LN, head; ``model(x, y)`` is the mean
+    next-character cross entropy) with GPT-2 style initialization."""
+    model = CharLMModule(vocab, ctx, d, n_layers, n_heads)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    return model
 
 
 def windows(tokens, starts, ctx):
@@ -108,7 +78,7 @@ def evaluate(model, val_x, val_y, chunk: int = 16) -> float:
 
 
 def run_one(label, make_opt, init_state, cfg, batches, val_x, val_y):
-    model = GPT(cfg["vocab"], cfg["ctx"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+    model = gpt(cfg["vocab"], cfg["ctx"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
     model.load_state_dict(init_state)
     opt = make_opt(model)
     train, val = [], []
@@ -185,7 +155,7 @@ def main(argv=None):
     cfg = dict(vocab=len(vocab), ctx=args.ctx, d_model=args.d_model, n_layers=args.layers,
                n_heads=args.heads, steps=args.steps, batch=args.batch, seed=args.seed)
     torch.manual_seed(args.seed)
-    m0 = GPT(cfg["vocab"], cfg["ctx"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+    m0 = gpt(cfg["vocab"], cfg["ctx"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
     n_params = sum(p.numel() for p in m0.parameters())
     init_state = {k: v.clone() for k, v in m0.state_dict().items()}
     del m0
